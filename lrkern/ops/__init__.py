@@ -1,0 +1,12 @@
+"""Registered ops (``torch.ops.lrkern.*``). Importing this package registers them.
+
+Adding an op: write ``lrkern/reference/<op>.py``, the Triton launcher in ``kernels/<family>.py``, the C++ kernel in
+``csrc/cpu/`` (bound in ``csrc/bindings.cpp``, wrapped in ``lrkern/ops/_cpp.py``), then ``lrkern/ops/<op>.py`` with a
+``Dispatcher`` naming the three, the ``custom_op`` with its validation, ``register_fake`` and, where gradients flow,
+``register_autograd``; import it below.
+"""
+from lrkern.ops._dispatch import available_backends, select_backend, use_backend
+from lrkern.ops.hadamard import hadamard
+from lrkern.ops.quant import dequant, quant_pack
+
+__all__ = ["hadamard", "quant_pack", "dequant", "use_backend", "select_backend", "available_backends"]

@@ -1,0 +1,29 @@
+"""Host wrappers for the C++ CPU kernels in ``lrkern._C``: allocate outputs here (so poisoning covers them), then
+call the extension's out-variants."""
+from __future__ import annotations
+
+import torch
+
+from lrkern import _alloc, _ext
+from lrkern.layout import packed_shapes, unpacked_shape
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    out = _alloc.empty(x.shape, x.dtype, x.device)
+    _ext.cpp().hadamard_out(x, out)
+    return out
+
+
+def quant_pack(x: torch.Tensor, bits: int, group_size: int, axis: int):
+    codes_shape, scale_shape = packed_shapes(x.shape, bits, group_size, axis)
+    codes = _alloc.empty(codes_shape, torch.uint8, x.device)
+    scale = _alloc.empty(scale_shape, x.dtype, x.device)
+    zero = _alloc.empty(scale_shape, x.dtype, x.device)
+    _ext.cpp().quant_pack_out(x, codes, scale, zero, bits, group_size, axis)
+    return codes, scale, zero
+
+
+def dequant(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int, axis: int):
+    out = _alloc.empty(unpacked_shape(codes.shape, bits), scale.dtype, codes.device)
+    _ext.cpp().dequant_out(codes, scale, zero, out, bits, group_size, axis)
+    return out

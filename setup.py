@@ -1,0 +1,47 @@
+"""Builds lrkern and its C++ CPU extension ``lrkern._C`` against the torch already installed.
+
+Install with ``pip install -e . --no-build-isolation`` after torch, so the build never pulls a second torch.
+``LRKERN_SKIP_EXT=1`` skips the extension (the package then runs its reference path on CPU).
+``LRKERN_CPU_ARCH`` sets ``-march`` (default ``native``: the extension is built on the machine that runs it).
+"""
+import os
+import sys
+from glob import glob
+
+from setuptools import setup
+
+packages = ["lrkern", "lrkern.ops", "lrkern.reference", "lrkern.kernels"]
+# kernels/ must never become a top-level ``kernels`` module: that name belongs to another PyPI project which
+# transformers probes for.
+package_dir = {"lrkern.kernels": "kernels"}
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("LRKERN_SKIP_EXT") != "1":
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        sys.exit("lrkern: install torch first (e.g. pip install torch==2.13.0), then "
+                 "`pip install -e . --no-build-isolation`")
+    arch = os.environ.get("LRKERN_CPU_ARCH", "native")
+    ext_modules.append(CppExtension(
+        "lrkern._C",
+        sorted(glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"],
+        include_dirs=[os.path.abspath("csrc")],
+        # -ffp-contract=off: the codes of quant_pack must be bit-identical across backends, so no FMA contraction.
+        extra_compile_args=["-O3", "-fopenmp", f"-march={arch}", "-ffp-contract=off", "-fno-math-errno"],
+        extra_link_args=["-fopenmp"],
+    ))
+    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+
+setup(
+    name="lrkern",
+    version="0.1.0",
+    description="Fused kernels (Triton, C++, CUDA C) for low-rank, low-bit and spiking efficiency methods",
+    packages=packages,
+    package_dir=package_dir,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.10",
+    install_requires=["numpy"],
+    extras_require={"test": ["pytest", "pytest-benchmark"], "triton": ["triton"]},
+)
