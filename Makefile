@@ -1,0 +1,28 @@
+# The README's commands. Each one sets up everything it needs on a fresh machine (scripts/setup_env.sh).
+PY := .venv/bin/python
+# Tests: Triton kernels through the interpreter on CPU; a missing C++ extension or Triton fails the run.
+TEST_ENV := TRITON_INTERPRET=1 LRKERN_POISON_EMPTY=1 LRKERN_REQUIRE_CPP=1 LRKERN_EXPECT_BACKENDS=cpp,triton,reference
+
+.PHONY: setup demo test bench plot gpu clean
+
+setup:
+	@scripts/setup_env.sh
+
+demo: setup
+	$(PY) bench/run_all.py --device cpu --quick --no-record
+
+test: setup
+	$(TEST_ENV) $(PY) -m pytest tests
+
+bench: setup
+	$(PY) bench/run_all.py --device auto
+
+plot: setup
+	$(PY) bench/plot.py
+
+# On a CUDA machine whose torch is already installed: build, run the tests on CUDA and every benchmark.
+gpu:
+	@scripts/gpu.sh
+
+clean:
+	rm -rf build lrkern/_C*.so lrkern.egg-info
