@@ -1,0 +1,92 @@
+// Row conversions between storage dtypes and fp32 work buffers. The kernels compute in fp32; these helpers keep
+// the dtype handling out of the arithmetic. Rounding to fp16/bf16 is round-to-nearest-even, as in torch's casts.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include <ATen/ATen.h>
+
+#if defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+namespace lrkern::cpu {
+
+inline void load_f32(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+
+inline void load_f32(const c10::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  for (; i + 8 <= n; i += 8) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline void load_f32(const c10::BFloat16* src, float* dst, int64_t n) {
+  // bf16 is the top half of an fp32: widening is a shift, which vectorises.
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+}
+
+inline void store_f32(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+
+inline void store_f32(const float* src, c10::Half* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  for (; i + 8 <= n; i += 8) {
+    __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+}
+
+inline void store_f32(const float* src, c10::BFloat16* dst, int64_t n) {
+  const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u = s[i];
+    // Round to nearest even on the dropped 16 bits; NaN keeps a quiet payload (as c10::BFloat16 does).
+    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    bool is_nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    d[i] = is_nan ? static_cast<uint16_t>(0x7FC0u) : static_cast<uint16_t>(rounded);
+  }
+}
+
+// One scalar of a storage dtype to fp32 and back (for per-group scale/zero values).
+template <typename T>
+inline float to_f32(T v) { return static_cast<float>(v); }
+template <typename T>
+inline T from_f32(float v) { return static_cast<T>(v); }
+
+}  // namespace lrkern::cpu
+
+namespace lrkern::cpu {
+
+template <typename T>
+struct type_tag {
+  using type = T;
+};
+
+// Calls f(type_tag<T>{}) for the three storage dtypes lrkern's float ops accept.
+template <typename F>
+inline void dispatch_float(at::ScalarType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(type_tag<float>{}); break;
+    case at::kHalf: f(type_tag<c10::Half>{}); break;
+    case at::kBFloat16: f(type_tag<c10::BFloat16>{}); break;
+    default: TORCH_CHECK(false, op, ": dtype ", dtype, " is not float32, float16 or bfloat16");
+  }
+}
+
+}  // namespace lrkern::cpu

@@ -1,0 +1,20 @@
+// CPU kernels of lrkern._C. Each is an out-variant: the Python layer (lrkern/ops/_cpp.py) validates the arguments
+// and allocates contiguous outputs; these functions only check their internal contract.
+#pragma once
+
+#include <torch/extension.h>
+
+namespace lrkern::cpu {
+
+// out = x @ H_n along the last dim (orthonormal Walsh-Hadamard, Sylvester order); fp32 math.
+void hadamard_out(const at::Tensor& x, at::Tensor& out);
+
+// Asymmetric min-max group quantization with uint8 packing (see lrkern/reference/quant.py); axis is -1 or -2.
+void quant_pack_out(const at::Tensor& x, at::Tensor& codes, at::Tensor& scale, at::Tensor& zero, int64_t bits,
+                    int64_t group_size, int64_t axis);
+
+// out = code * scale + zero in fp32, rounded once to out's dtype.
+void dequant_out(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, at::Tensor& out,
+                 int64_t bits, int64_t group_size, int64_t axis);
+
+}  // namespace lrkern::cpu
