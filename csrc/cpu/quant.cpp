@@ -15,9 +15,10 @@
 namespace lrkern::cpu {
 namespace {
 
+// Bits as a template parameter: the packing loops unroll over a constant number of codes per byte.
+template <int BITS>
 struct Layout {
-  int64_t bits, per, qmax;
-  explicit Layout(int64_t b) : bits(b), per(8 / b), qmax((int64_t{1} << b) - 1) {}
+  static constexpr int64_t bits = BITS, per = 8 / BITS, qmax = (int64_t{1} << BITS) - 1;
 };
 
 // Stored scale and zero of a group with fp32 extremes mn, mx (rounded to the storage dtype T).
@@ -34,27 +35,31 @@ inline float quantize(float v, float s, float z, float qmax) {
 }
 
 // Packs per-element codes (as floats, already integral) into bytes: first element in the lowest bits.
-inline void pack(const float* q, uint8_t* dst, int64_t count, const Layout& L) {
-  for (int64_t b = 0; b < count / L.per; ++b) {
+template <typename L>
+inline void pack(const float* q, uint8_t* dst, int64_t count, L) {
+#pragma omp simd
+  for (int64_t b = 0; b < count / L::per; ++b) {
     uint32_t byte = 0;
-    for (int64_t k = 0; k < L.per; ++k) byte |= static_cast<uint32_t>(q[b * L.per + k]) << (k * L.bits);
+    for (int64_t k = 0; k < L::per; ++k) byte |= static_cast<uint32_t>(q[b * L::per + k]) << (k * L::bits);
     dst[b] = static_cast<uint8_t>(byte);
   }
 }
 
 // Unpacks count codes from bytes into floats.
-inline void unpack(const uint8_t* src, float* q, int64_t count, const Layout& L) {
-  const uint32_t mask = static_cast<uint32_t>(L.qmax);
-  for (int64_t b = 0; b < count / L.per; ++b) {
+template <typename L>
+inline void unpack(const uint8_t* src, float* q, int64_t count, L) {
+  const uint32_t mask = static_cast<uint32_t>(L::qmax);
+#pragma omp simd
+  for (int64_t b = 0; b < count / L::per; ++b) {
     const uint32_t byte = src[b];
-    for (int64_t k = 0; k < L.per; ++k) q[b * L.per + k] = static_cast<float>((byte >> (k * L.bits)) & mask);
+    for (int64_t k = 0; k < L::per; ++k) q[b * L::per + k] = static_cast<float>((byte >> (k * L::bits)) & mask);
   }
 }
 
 // axis = -1: x viewed as [groups, gs]; each group is contiguous and packs into gs / per whole bytes.
-template <typename T>
-void quant_rows(const T* x, uint8_t* codes, T* scale, T* zero, int64_t groups, int64_t gs, const Layout& L) {
-  const float qmax = static_cast<float>(L.qmax);
+template <typename T, typename L>
+void quant_rows(const T* x, uint8_t* codes, T* scale, T* zero, int64_t groups, int64_t gs, L layout) {
+  const float qmax = static_cast<float>(L::qmax);
   const int64_t grain = std::max<int64_t>(1, 16384 / gs);
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> v(gs), q(gs);
@@ -70,18 +75,18 @@ void quant_rows(const T* x, uint8_t* codes, T* scale, T* zero, int64_t groups, i
       const float s = to_f32(scale[g]), z = to_f32(zero[g]);
 #pragma omp simd
       for (int64_t j = 0; j < gs; ++j) q[j] = quantize(v[j], s, z, qmax);
-      pack(q.data(), codes + g * (gs / L.per), gs, L);
+      pack(q.data(), codes + g * (gs / L::per), gs, layout);
     }
   });
 }
 
 // axis = -2: x viewed as [outer, t, n]; groups are gs consecutive rows of one column. Work is split into
 // (outer, row group, column block) tiles so a single long group still uses every thread; access is along n.
-template <typename T>
+template <typename T, typename L>
 void quant_cols(const T* x, uint8_t* codes, T* scale, T* zero, int64_t outer, int64_t t, int64_t n, int64_t gs,
-                const Layout& L) {
-  const float qmax = static_cast<float>(L.qmax);
-  const int64_t tg = t / gs, nb = n / L.per;
+                L layout) {
+  const float qmax = static_cast<float>(L::qmax);
+  const int64_t tg = t / gs, nb = n / L::per;
   const int64_t cb = std::min<int64_t>(n, 512);  // a multiple of per: n is, and 512 is
   const int64_t col_blocks = (n + cb - 1) / cb;
   const int64_t tiles = outer * tg * col_blocks;
@@ -112,20 +117,20 @@ void quant_cols(const T* x, uint8_t* codes, T* scale, T* zero, int64_t outer, in
         load_f32(xg + r * n, v.data(), w);
 #pragma omp simd
         for (int64_t c = 0; c < w; ++c) q[c] = quantize(v[c], s[c], z[c], qmax);
-        pack(q.data(), codes + (o * t + r0 + r) * nb + c0 / L.per, w, L);
+        pack(q.data(), codes + (o * t + r0 + r) * nb + c0 / L::per, w, layout);
       }
     }
   });
 }
 
-template <typename T>
+template <typename T, typename L>
 void dequant_rows(const uint8_t* codes, const T* scale, const T* zero, T* out, int64_t groups, int64_t gs,
-                  const Layout& L) {
+                  L layout) {
   const int64_t grain = std::max<int64_t>(1, 16384 / gs);
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> q(gs);
     for (int64_t g = begin; g < end; ++g) {
-      unpack(codes + g * (gs / L.per), q.data(), gs, L);
+      unpack(codes + g * (gs / L::per), q.data(), gs, layout);
       const float s = to_f32(scale[g]), z = to_f32(zero[g]);
 #pragma omp simd
       for (int64_t j = 0; j < gs; ++j) q[j] = q[j] * s + z;
@@ -134,10 +139,10 @@ void dequant_rows(const uint8_t* codes, const T* scale, const T* zero, T* out, i
   });
 }
 
-template <typename T>
+template <typename T, typename L>
 void dequant_cols(const uint8_t* codes, const T* scale, const T* zero, T* out, int64_t outer, int64_t t, int64_t n,
-                  int64_t gs, const Layout& L) {
-  const int64_t tg = t / gs, nb = n / L.per;
+                  int64_t gs, L layout) {
+  const int64_t tg = t / gs, nb = n / L::per;
   const int64_t rows = outer * t;
   const int64_t grain = std::max<int64_t>(1, 16384 / n);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
@@ -150,12 +155,22 @@ void dequant_cols(const uint8_t* codes, const T* scale, const T* zero, T* out, i
         load_f32(zero + grp * n, z.data(), n);
         loaded = grp;
       }
-      unpack(codes + row * nb, q.data(), n, L);
+      unpack(codes + row * nb, q.data(), n, layout);
 #pragma omp simd
       for (int64_t c = 0; c < n; ++c) q[c] = q[c] * s[c] + z[c];
       store_f32(q.data(), out + row * n, n);
     }
   });
+}
+
+template <typename F>
+inline void dispatch_bits(int64_t bits, F&& f) {
+  switch (bits) {
+    case 2: f(Layout<2>{}); break;
+    case 4: f(Layout<4>{}); break;
+    case 8: f(Layout<8>{}); break;
+    default: TORCH_CHECK(false, "bits must be 2, 4 or 8, got ", bits);
+  }
 }
 
 void check_common(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& x,
@@ -176,41 +191,44 @@ void check_common(const at::Tensor& codes, const at::Tensor& scale, const at::Te
 void quant_pack_out(const at::Tensor& x, at::Tensor& codes, at::Tensor& scale, at::Tensor& zero, int64_t bits,
                     int64_t group_size, int64_t axis) {
   check_common(codes, scale, zero, x, bits, axis, "quant_pack_out");
-  const Layout L(bits);
   const int64_t n = x.size(-1);
-  dispatch_float(x.scalar_type(), "quant_pack_out", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    const T* xp = x.const_data_ptr<T>();
-    uint8_t* cp = codes.mutable_data_ptr<uint8_t>();
-    T* sp = scale.mutable_data_ptr<T>();
-    T* zp = zero.mutable_data_ptr<T>();
-    if (axis == -1) {
-      TORCH_CHECK(group_size % L.per == 0, "quant_pack_out: group_size must fill whole bytes");
-      quant_rows<T>(xp, cp, sp, zp, x.numel() / group_size, group_size, L);
-    } else {
-      const int64_t t = x.size(-2);
-      quant_cols<T>(xp, cp, sp, zp, x.numel() / (t * n), t, n, group_size, L);
-    }
+  dispatch_bits(bits, [&](auto layout) {
+    using L = decltype(layout);
+    dispatch_float(x.scalar_type(), "quant_pack_out", [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      const T* xp = x.const_data_ptr<T>();
+      uint8_t* cp = codes.mutable_data_ptr<uint8_t>();
+      T* sp = scale.mutable_data_ptr<T>();
+      T* zp = zero.mutable_data_ptr<T>();
+      if (axis == -1) {
+        TORCH_CHECK(group_size % L::per == 0, "quant_pack_out: group_size must fill whole bytes");
+        quant_rows<T>(xp, cp, sp, zp, x.numel() / group_size, group_size, layout);
+      } else {
+        const int64_t t = x.size(-2);
+        quant_cols<T>(xp, cp, sp, zp, x.numel() / (t * n), t, n, group_size, layout);
+      }
+    });
   });
 }
 
 void dequant_out(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, at::Tensor& out,
                  int64_t bits, int64_t group_size, int64_t axis) {
   check_common(codes, scale, zero, out, bits, axis, "dequant_out");
-  const Layout L(bits);
   const int64_t n = out.size(-1);
-  dispatch_float(out.scalar_type(), "dequant_out", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    const uint8_t* cp = codes.const_data_ptr<uint8_t>();
-    const T* sp = scale.const_data_ptr<T>();
-    const T* zp = zero.const_data_ptr<T>();
-    T* op = out.mutable_data_ptr<T>();
-    if (axis == -1) {
-      dequant_rows<T>(cp, sp, zp, op, out.numel() / group_size, group_size, L);
-    } else {
-      const int64_t t = out.size(-2);
-      dequant_cols<T>(cp, sp, zp, op, out.numel() / (t * n), t, n, group_size, L);
-    }
+  dispatch_bits(bits, [&](auto layout) {
+    dispatch_float(out.scalar_type(), "dequant_out", [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      const uint8_t* cp = codes.const_data_ptr<uint8_t>();
+      const T* sp = scale.const_data_ptr<T>();
+      const T* zp = zero.const_data_ptr<T>();
+      T* op = out.mutable_data_ptr<T>();
+      if (axis == -1) {
+        dequant_rows<T>(cp, sp, zp, op, out.numel() / group_size, group_size, layout);
+      } else {
+        const int64_t t = out.size(-2);
+        dequant_cols<T>(cp, sp, zp, op, out.numel() / (t * n), t, n, group_size, layout);
+      }
+    });
   });
 }
 
