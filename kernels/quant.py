@@ -32,6 +32,12 @@ def _quantize(v, s, z, QMAX: tl.constexpr):
 
 
 @triton.jit
+def _masked_minmax(v, mask, AXIS: tl.constexpr):
+    """(min, max) of v along AXIS over the lanes where mask holds."""
+    return tl.min(tl.where(mask, v, float("inf")), axis=AXIS), tl.max(tl.where(mask, v, float("-inf")), axis=AXIS)
+
+
+@triton.jit
 def _pack(q, ROWS: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr):
     """[ROWS, W] integral fp32 codes -> [ROWS, W * BITS / 8] int32 bytes, first element in the lowest bits."""
     PER: tl.constexpr = 8 // BITS
@@ -73,8 +79,7 @@ def _quant_rows_kernel(
     if NUM_CHUNKS == 1:
         mask = gmask[:, None] & (j < GS)[None, :]
         v = tl.load(x_ptr + g[:, None] * GS + j[None, :], mask=mask, other=0.0).to(tl.float32)
-        mn = tl.min(tl.where(mask, v, float("inf")), axis=1)
-        mx = tl.max(tl.where(mask, v, float("-inf")), axis=1)
+        mn, mx = _masked_minmax(v, mask, 1)
     else:
         mn = tl.full((BLOCK_G,), float("inf"), tl.float32)
         mx = tl.full((BLOCK_G,), float("-inf"), tl.float32)
@@ -82,8 +87,8 @@ def _quant_rows_kernel(
             jj = ci * CHUNK + j
             mask = gmask[:, None] & (jj < GS)[None, :]
             v = tl.load(x_ptr + g[:, None] * GS + jj[None, :], mask=mask, other=0.0).to(tl.float32)
-            mn = tl.minimum(mn, tl.min(tl.where(mask, v, float("inf")), axis=1))
-            mx = tl.maximum(mx, tl.max(tl.where(mask, v, float("-inf")), axis=1))
+            cmn, cmx = _masked_minmax(v, mask, 1)
+            mn, mx = tl.minimum(mn, cmn), tl.maximum(mx, cmx)
     # Rows past G have mn = +inf, mx = -inf; they are masked out of every store.
     scale = cast_rne(tl.math.div_rn(mx - mn, tl.full((BLOCK_G,), QMAX, tl.float32)), scale_ptr.dtype.element_ty)
     zero = cast_rne(mn, zero_ptr.dtype.element_ty)
@@ -134,8 +139,7 @@ def _quant_cols_kernel(
     if NUM_CHUNKS == 1:
         mask = (i < GS)[:, None] & cmask[None, :]
         v = tl.load(x_ptr + (row0 + i)[:, None] * N + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        mn = tl.min(tl.where(mask, v, float("inf")), axis=0)
-        mx = tl.max(tl.where(mask, v, float("-inf")), axis=0)
+        mn, mx = _masked_minmax(v, mask, 0)
     else:
         mn = tl.full((BLOCK_N,), float("inf"), tl.float32)
         mx = tl.full((BLOCK_N,), float("-inf"), tl.float32)
@@ -143,8 +147,8 @@ def _quant_cols_kernel(
             ii = ci * CHUNK + i
             mask = (ii < GS)[:, None] & cmask[None, :]
             v = tl.load(x_ptr + (row0 + ii)[:, None] * N + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            mn = tl.minimum(mn, tl.min(tl.where(mask, v, float("inf")), axis=0))
-            mx = tl.maximum(mx, tl.max(tl.where(mask, v, float("-inf")), axis=0))
+            cmn, cmx = _masked_minmax(v, mask, 0)
+            mn, mx = tl.minimum(mn, cmn), tl.maximum(mx, cmx)
     scale = cast_rne(tl.math.div_rn(mx - mn, tl.full((BLOCK_N,), QMAX, tl.float32)), scale_ptr.dtype.element_ty)
     zero = cast_rne(mn, zero_ptr.dtype.element_ty)
     tl.store(scale_ptr + grp * N + c, scale, mask=cmask)

@@ -104,6 +104,12 @@ def test_adversarial_scores_large_magnitude(backend, device):
     _check_same_quant(lrkern.quant_pack(big, 4, 32, -2), ref_quant_pack(big, 4, 32, -2))
 
 
+def test_one_dimensional_input(backend, device):
+    x = torch.randn(64, device=device)
+    _check_same_quant(lrkern.quant_pack(x, 4, 16, -1), ref_quant_pack(x, 4, 16, -1))
+    _check_same_quant(lrkern.quant_pack(x, 4, 16, 0), ref_quant_pack(x, 4, 16, -1))
+
+
 def test_axis_accepts_positive_equivalent(device):
     x = torch.randn(2, 8, 16, device=device)
     for pos, neg in ((2, -1), (1, -2)):

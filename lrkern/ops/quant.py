@@ -30,10 +30,13 @@ def _check_layout(shape, bits: int, group_size: int, axis: int, what: str) -> in
     _checks.integer("group_size", group_size, minimum=1)
     _checks.integer("axis", axis)
     ndim = len(shape)
-    if axis not in (-1, -2, ndim - 1, ndim - 2) or (axis == ndim - 2 and ndim < 2) or (axis == -2 and ndim < 2):
+    if axis in (-1, ndim - 1):
+        axis = -1
+    elif ndim >= 2 and axis in (-2, ndim - 2):
+        axis = -2
+    else:
         raise ValueError(f"axis={axis} is not supported for {what} of shape {tuple(shape)}; accepted: -1 (groups along "
                          "the last dim) or -2 (groups of rows along the second-to-last dim, needs >= 2 dims)")
-    axis = -1 if axis in (-1, ndim - 1) else -2
     per = codes_per_byte(bits)
     extent = shape[axis]
     if extent % group_size:
