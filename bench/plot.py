@@ -43,7 +43,8 @@ def main() -> int:
                  for op, shape, dtype, p in labels]
         ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(labels))], names, fontsize=6)
         ax.set_ylabel("% of memcpy bandwidth (same bytes)")
-        ax.set_title(f"{rows[0]['meta']['device']} | commit {rows[0]['meta']['commit']} | {latest}" if rows else path.stem)
+        meta = rows[0]["meta"] if rows else None
+        ax.set_title(f"{meta['device']} | commit {meta['commit']} | {latest}" if meta else path.stem)
         ax.legend(fontsize=7)
         fig.tight_layout()
         out = path.with_suffix(".png")

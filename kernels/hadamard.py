@@ -6,9 +6,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+from lrkern.kernels._common import cast_rne
 
 from lrkern._alloc import empty
-from lrkern.kernels._common import cast_rne
 
 # Largest transform one program holds in registers. Longer ones use two passes (see ``hadamard``).
 MAX_FUSED_N = 8192

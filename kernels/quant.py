@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from lrkern.kernels._common import cast_rne
 
 from lrkern._alloc import empty
-from lrkern.kernels._common import cast_rne
 from lrkern.layout import codes_per_byte, packed_shapes, unpacked_shape
 
 # Elements one program keeps in registers; a longer group is processed in chunks of this size (two passes over x).

@@ -19,7 +19,8 @@ def kdevice(device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("rows,n,max_fused", [(5, 256, 16), (3, 64, 8), (1, 32, 16)], ids=["n256-f16", "n64-f8", "n32-f16"])
+@pytest.mark.parametrize("rows,n,max_fused", [(5, 256, 16), (3, 64, 8), (1, 32, 16)],
+                         ids=["n256-f16", "n64-f8", "n32-f16"])
 def test_hadamard_two_pass(kdevice, rows, n, max_fused, dtype):
     from lrkern.kernels.hadamard import hadamard
 

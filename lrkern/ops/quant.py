@@ -9,6 +9,7 @@ import torch
 from lrkern.layout import SUPPORTED_BITS, codes_per_byte, packed_shapes, unpacked_shape
 from lrkern.ops import _checks
 from lrkern.ops._dispatch import Dispatcher
+from lrkern.reference.quant import grouped
 
 _quant_impl = Dispatcher(
     "quant_pack",
@@ -50,7 +51,8 @@ def _check_layout(shape, bits: int, group_size: int, axis: int, what: str) -> in
 
 
 @torch.library.custom_op("lrkern::quant_pack", mutates_args=())
-def quant_pack(x: torch.Tensor, bits: int, group_size: int, axis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quant_pack(x: torch.Tensor, bits: int, group_size: int,
+               axis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric min-max quantization in groups, codes packed into uint8 along the last dim.
 
     ``group_size`` consecutive elements along ``axis`` share ``scale = (max - min) / (2^bits - 1)`` and
@@ -139,12 +141,13 @@ def _dequant_backward(ctx, grad):
     ones = torch.ones(scale_shape, dtype=torch.float32, device=codes.device)
     q = dequant(codes, ones, torch.zeros_like(ones), bits, group_size, axis)
     g = grad.to(torch.float32)
-    if axis == -1:
-        grouped = lambda t: t.reshape(*t.shape[:-1], t.shape[-1] // group_size, group_size).sum(-1)
-    else:
-        grouped = lambda t: t.reshape(*t.shape[:-2], t.shape[-2] // group_size, group_size, t.shape[-1]).sum(-2)
-    grad_scale = grouped(g * q).to(ctx.scale_dtype)
-    grad_zero = grouped(g).to(ctx.scale_dtype)
+
+    def group_sum(t: torch.Tensor) -> torch.Tensor:
+        view, dim = grouped(t, group_size, axis)
+        return view.sum(dim)
+
+    grad_scale = group_sum(g * q).to(ctx.scale_dtype)
+    grad_zero = group_sum(g).to(ctx.scale_dtype)
     return None, grad_scale, grad_zero, None, None, None
 
 

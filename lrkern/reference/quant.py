@@ -23,8 +23,9 @@ def _shifts(bits: int, device) -> torch.Tensor:
     return torch.arange(codes_per_byte(bits), device=device, dtype=torch.int32) * bits
 
 
-def _grouped(x: torch.Tensor, group_size: int, axis: int) -> tuple[torch.Tensor, int]:
-    """View x as groups; returns (view, reduction dim)."""
+def grouped(x: torch.Tensor, group_size: int, axis: int) -> tuple[torch.Tensor, int]:
+    """x viewed as [..., groups, group_size] (axis -1) or [..., groups, group_size, n] (axis -2), and the dim to
+    reduce over."""
     if axis == -1:
         return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size), -1
     return x.reshape(*x.shape[:-2], x.shape[-2] // group_size, group_size, x.shape[-1]), -2
@@ -36,7 +37,7 @@ def quant_pack(x: torch.Tensor, bits: int, group_size: int, axis: int):
     Returns (codes uint8, scale, zero); scale/zero have x's dtype. See the module docstring for the exact maths.
     """
     qmax = (1 << bits) - 1
-    g, dim = _grouped(x.to(torch.float32), group_size, axis)
+    g, dim = grouped(x.to(torch.float32), group_size, axis)
     mn = g.amin(dim=dim, keepdim=True)
     mx = g.amax(dim=dim, keepdim=True)
     scale = ((mx - mn) / qmax).to(x.dtype)
