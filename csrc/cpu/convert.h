@@ -10,7 +10,7 @@
 
 #include <ATen/ATen.h>
 
-#if defined(__F16C__) && defined(__AVX__)
+#if defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -63,11 +63,34 @@ inline void store_f32(const float* src, c10::BFloat16* dst, int64_t n) {
   }
 }
 
-// One scalar of a storage dtype to fp32 and back (for per-group scale/zero values).
+// One scalar of a storage dtype to fp32 and back (per-group scale/zero values). c10's scalar conversions are
+// branchy software routines; at four per group they cost as much as quantizing the group, hence these.
 template <typename T>
 inline float to_f32(T v) { return static_cast<float>(v); }
 template <typename T>
 inline T from_f32(float v) { return static_cast<T>(v); }
+
+#if defined(__F16C__)
+template <>
+inline float to_f32<c10::Half>(c10::Half v) { return _cvtsh_ss(v.x); }
+template <>
+inline c10::Half from_f32<c10::Half>(float v) {
+  return c10::Half(static_cast<uint16_t>(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT)), c10::Half::from_bits());
+}
+#endif
+
+template <>
+inline float to_f32<c10::BFloat16>(c10::BFloat16 v) {
+  float f;
+  load_f32(&v, &f, 1);
+  return f;
+}
+template <>
+inline c10::BFloat16 from_f32<c10::BFloat16>(float v) {
+  c10::BFloat16 b;
+  store_f32(&v, &b, 1);
+  return b;
+}
 
 }  // namespace lrkern::cpu
 
