@@ -29,9 +29,14 @@ inline void group_params(float mn, float mx, float qmax, T* scale, T* zero) {
 }
 
 // code = clamp(rint((v - z) / s), 0, qmax), or 0 where s == 0. Division, not a reciprocal multiply: bit-exactness.
+// Clamping before rounding is equivalent (rint is monotone, the bounds are integers) and keeps y in [0, 2^23), where
+// (y + 2^23) - 2^23 is an exact round-half-to-even made of two adds, which vectorise where nearbyint may not.
 inline float quantize(float v, float s, float z, float qmax) {
-  const float q = std::nearbyint((v - z) / (s > 0.0f ? s : 1.0f));
-  return s > 0.0f ? std::min(std::max(q, 0.0f), qmax) : 0.0f;
+  float y = (v - z) / (s > 0.0f ? s : 1.0f);
+  y = y > 0.0f ? y : 0.0f;
+  y = y < qmax ? y : qmax;
+  y = (y + 8388608.0f) - 8388608.0f;
+  return s > 0.0f ? y : 0.0f;
 }
 
 // Packs per-element codes (as floats, already integral) into bytes: first element in the lowest bits.
@@ -39,8 +44,9 @@ template <typename L>
 inline void pack(const float* q, uint8_t* dst, int64_t count, L) {
 #pragma omp simd
   for (int64_t b = 0; b < count / L::per; ++b) {
-    uint32_t byte = 0;
-    for (int64_t k = 0; k < L::per; ++k) byte |= static_cast<uint32_t>(q[b * L::per + k]) << (k * L::bits);
+    int32_t byte = 0;
+    // Through int32: AVX2 has no float -> uint32 vector conversion, so a direct cast keeps this loop scalar.
+    for (int64_t k = 0; k < L::per; ++k) byte |= static_cast<int32_t>(q[b * L::per + k]) << (k * L::bits);
     dst[b] = static_cast<uint8_t>(byte);
   }
 }
@@ -68,8 +74,8 @@ void quant_rows(const T* x, uint8_t* codes, T* scale, T* zero, int64_t groups, i
       float mn = std::numeric_limits<float>::infinity(), mx = -mn;
 #pragma omp simd reduction(min : mn) reduction(max : mx)
       for (int64_t j = 0; j < gs; ++j) {
-        mn = std::min(mn, v[j]);
-        mx = std::max(mx, v[j]);
+        mn = v[j] < mn ? v[j] : mn;
+        mx = v[j] > mx ? v[j] : mx;
       }
       group_params<T>(mn, mx, qmax, scale + g, zero + g);
       const float s = to_f32(scale[g]), z = to_f32(zero[g]);
