@@ -10,46 +10,78 @@ from lrkern.kernels._common import cast_rne
 
 from lrkern._alloc import empty
 
-# Largest transform one program holds in registers. Longer ones use two passes (see ``hadamard``).
+# Longest transform one program holds in registers; longer ones take two passes (see ``hadamard``).
 MAX_FUSED_N = 8192
-# Elements per program: enough bytes in flight per SM to saturate HBM without spilling registers.
-# TODO(gpu): autotune BLOCK_P / num_warps per n on H100; these are first guesses, not measured.
+# fp32 elements per program (BLOCK_P * L): 32 per thread at 8 warps, enough bytes in flight per SM to approach HBM
+# bandwidth for short rows (n = 128 fp16 is a pure streaming copy plus in-register butterflies) without spilling.
+# TODO(gpu): autotune _TILE (4K..16K) and num_warps (4/8/16) per (n, dtype) on H100; these are first guesses, and
+# the constant-geometry stages' layout conversions (shared memory or shuffles) are what to watch in the profile.
 _TILE = 8192
 
 
 @triton.jit
-def _fwht_kernel(
-    x_ptr,  # x: [R, L, S] contiguous, transformed along L; P = R * S independent vectors
-    y_ptr,  # y: like x
-    P,
-    S,
-    scale,
-    L: tl.constexpr,
-    LOG_L: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    """y[r, :, c] = scale * H_L @ x[r, :, c], with H_L = S^log2(L) where S(v) = [v0+v1, v2+v3, .., v0-v1, v2-v3, ..]."""
-    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    i = tl.arange(0, L)
-    # S == 1 (a contiguous row per vector) is specialised by Triton, so the division below costs nothing there.
-    r = p // S
-    c = p - r * S
-    offs = (r * L * S + c)[:, None] + (i * S)[None, :]
-    mask = (p < P)[:, None]
-    v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # Constant-geometry (Pease) form: every stage is the same reshape, so one unrolled body serves all log2(L) stages
-    # and no stage needs a data-dependent stride.
+def _to_f32(v):
+    """Exact widening to fp32 (bf16: the 16 bits become the top half of the fp32 word)."""
+    # The GPU's own conversion, spelled out because Triton's interpreter mis-converts bf16 subnormals.
+    # TODO: share with kernels/quant.py through kernels/_common.py.
+    if v.dtype == tl.bfloat16:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
+def _fwht_tile(v, BLOCK_P: tl.constexpr, L: tl.constexpr, LOG_L: tl.constexpr):
+    """H_L (unnormalised) along dim 1 of an fp32 [BLOCK_P, L] tile: H_L = P^log2(L), P(v) = [v0+v1, .., v0-v1, ..]."""
+    # Constant-geometry (Pease) form: every stage is the same pairing of neighbours followed by the same perfect
+    # shuffle, so one unrolled body serves all log2(L) stages and no stage needs a data-dependent stride. It consumes
+    # index bits from the lowest up, the order of the reference's stride-1, 2, 4, .. butterflies, so fp32 results match.
     for _ in tl.static_range(LOG_L):
         a, b = tl.split(tl.reshape(v, (BLOCK_P, L // 2, 2)))
         v = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (BLOCK_P, L))
-    tl.store(y_ptr + offs, cast_rne(v * scale, y_ptr.dtype.element_ty), mask=mask)
+    return v
 
 
-def _launch(x: torch.Tensor, y: torch.Tensor, vectors: int, length: int, stride: int, scale: float) -> None:
-    block_p = max(1, _TILE // length)
-    num_warps = 4 if length * block_p <= 2048 else 8
-    grid = (triton.cdiv(vectors, block_p),)
-    _fwht_kernel[grid](x, y, vectors, stride, scale, L=length, LOG_L=int(math.log2(length)), BLOCK_P=block_p,
+@triton.jit
+def _fwht_kernel(
+    x_ptr,  # x: [R, L, S] contiguous, fp32/fp16/bf16; transformed along L
+    y_ptr,  # y: [R, L, S]; may alias x (each program reads its whole tile before writing it)
+    R,  # vectors when S == 1 (rows of length L), else the outer extent
+    scale,  # fp32 factor applied after the butterflies
+    L: tl.constexpr,
+    LOG_L: tl.constexpr,
+    S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """y[r, :, c] = scale * H_L @ x[r, :, c] (H_L unnormalised Sylvester Hadamard), fp32 math, stored in y's dtype."""
+    i = tl.arange(0, L)
+    if S == 1:
+        # grid (cdiv(R, BLOCK_P),): BLOCK_P whole contiguous rows per program.
+        p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs = p[:, None] * L + i[None, :]
+        mask = (p < R)[:, None]
+        v = _fwht_tile(_to_f32(tl.load(x_ptr + offs, mask=mask, other=0.0)), BLOCK_P, L, LOG_L)
+        tl.store(y_ptr + offs, cast_rne(v * scale, y_ptr.dtype.element_ty), mask=mask)
+    else:
+        # grid (R, S // BLOCK_P): one r and BLOCK_P consecutive c per program, so every access is contiguous along c
+        # (coalesced) and, as BLOCK_P divides S (both powers of two), needs no mask.
+        c = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs = tl.program_id(0).to(tl.int64) * (L * S) + c[:, None] + (i * S)[None, :]
+        v = _fwht_tile(_to_f32(tl.load(x_ptr + offs)), BLOCK_P, L, LOG_L)
+        tl.store(y_ptr + offs, cast_rne(v * scale, y_ptr.dtype.element_ty))
+
+
+def _launch(x: torch.Tensor, y: torch.Tensor, outer: int, length: int, stride: int, scale: float) -> None:
+    """y = scale * H_length along the middle dim of x viewed as [outer, length, stride]."""
+    if stride == 1:
+        # Cap the tile at the row count so small inputs do not compute (and, interpreted, simulate) padding rows.
+        block_p = max(1, min(_TILE // length, triton.next_power_of_2(outer)))
+        grid = (triton.cdiv(outer, block_p), 1)
+    else:
+        block_p = max(1, min(_TILE // length, stride))
+        grid = (outer, stride // block_p)
+    num_warps = max(1, min(8, block_p * length // 1024))
+    _fwht_kernel[grid](x, y, outer, scale, L=length, LOG_L=length.bit_length() - 1, S=stride, BLOCK_P=block_p,
                        num_warps=num_warps)
 
 
@@ -58,7 +90,8 @@ def hadamard(x: torch.Tensor, max_fused_n: int = MAX_FUSED_N) -> torch.Tensor:
 
     n <= max_fused_n: one pass, each program transforms whole rows in registers. Larger n: H_n = (H_a kron I_b)
     (I_a kron H_b) with b = max_fused_n, so pass 1 transforms contiguous length-b chunks into an fp32 scratch buffer
-    and pass 2 transforms the length-a columns of stride b, scales and writes x's dtype.
+    and pass 2 transforms the length-a columns of stride b, scales and writes x's dtype. ``max_fused_n`` (a power of
+    two) is a parameter so tests can force the two-pass path at small n.
     """
     n = x.shape[-1]
     rows = x.numel() // n
@@ -70,7 +103,8 @@ def hadamard(x: torch.Tensor, max_fused_n: int = MAX_FUSED_N) -> torch.Tensor:
     a = n // b
     if a > max_fused_n:
         raise ValueError(f"n={n} needs more than two passes at max_fused_n={max_fused_n}")
-    scratch = empty(x.shape, torch.float32, x.device)
+    # Pass 2 runs in place on the scratch when the output itself is fp32, so no extra buffer is needed there.
+    scratch = y if y.dtype == torch.float32 else empty(x.shape, torch.float32, x.device)
     _launch(x, scratch, rows * a, b, 1, 1.0)
-    _launch(scratch, y, rows * b, a, b, 1.0 / math.sqrt(n))
+    _launch(scratch, y, rows, a, b, 1.0 / math.sqrt(n))
     return y

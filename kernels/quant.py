@@ -14,9 +14,23 @@ from lrkern.kernels._common import cast_rne
 from lrkern._alloc import empty
 from lrkern.layout import codes_per_byte, packed_shapes, unpacked_shape
 
-# Elements one program keeps in registers; a longer group is processed in chunks of this size (two passes over x).
-# TODO(gpu): autotune tile sizes and num_warps on H100; these are first guesses, not measured.
-MAX_TILE = 4096
+# fp32 elements one program keeps in registers (32 per thread at 8 warps); a longer group is processed in chunks of
+# this size, reading x twice (min/max, then codes). Read at call time, so tests can shrink it to force the chunked path.
+# TODO(gpu): autotune MAX_TILE, num_warps and the per-channel column block on H100; these are first guesses.
+MAX_TILE = 8192
+# Fewest programs the per-channel launch aims for (about two per H100 SM) before narrowing its column block.
+_MIN_PROGRAMS = 264
+
+
+@triton.jit
+def _to_f32(v):
+    """Exact widening to fp32 (bf16: the 16 bits become the top half of the fp32 word)."""
+    # Same instructions as the GPU's own bf16 -> fp32 conversion, but spelled out because Triton's interpreter
+    # mis-converts bf16 subnormals, and the codes must not differ between the interpreter and the GPU.
+    if v.dtype == tl.bfloat16:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.float32)
 
 
 @triton.jit
@@ -78,7 +92,7 @@ def _quant_rows_kernel(
     k = tl.arange(0, CHUNK // PER)
     if NUM_CHUNKS == 1:
         mask = gmask[:, None] & (j < GS)[None, :]
-        v = tl.load(x_ptr + g[:, None] * GS + j[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = _to_f32(tl.load(x_ptr + g[:, None] * GS + j[None, :], mask=mask, other=0.0))
         mn, mx = _masked_minmax(v, mask, 1)
     else:
         mn = tl.full((BLOCK_G,), float("inf"), tl.float32)
@@ -86,7 +100,7 @@ def _quant_rows_kernel(
         for ci in range(NUM_CHUNKS):
             jj = ci * CHUNK + j
             mask = gmask[:, None] & (jj < GS)[None, :]
-            v = tl.load(x_ptr + g[:, None] * GS + jj[None, :], mask=mask, other=0.0).to(tl.float32)
+            v = _to_f32(tl.load(x_ptr + g[:, None] * GS + jj[None, :], mask=mask, other=0.0))
             cmn, cmx = _masked_minmax(v, mask, 1)
             mn, mx = tl.minimum(mn, cmn), tl.maximum(mx, cmx)
     # Rows past G have mn = +inf, mx = -inf; they are masked out of every store.
@@ -94,8 +108,8 @@ def _quant_rows_kernel(
     zero = cast_rne(mn, zero_ptr.dtype.element_ty)
     tl.store(scale_ptr + g, scale, mask=gmask)
     tl.store(zero_ptr + g, zero, mask=gmask)
-    s = scale.to(tl.float32)[:, None]
-    z = zero.to(tl.float32)[:, None]
+    s = _to_f32(scale)[:, None]
+    z = _to_f32(zero)[:, None]
     if NUM_CHUNKS == 1:
         packed = _pack(_quantize(v, s, z, QMAX), BLOCK_G, CHUNK, BITS)
         bmask = gmask[:, None] & (k < GS // PER)[None, :]
@@ -104,7 +118,7 @@ def _quant_rows_kernel(
         for ci in range(NUM_CHUNKS):
             jj = ci * CHUNK + j
             mask = gmask[:, None] & (jj < GS)[None, :]
-            v = tl.load(x_ptr + g[:, None] * GS + jj[None, :], mask=mask, other=0.0).to(tl.float32)
+            v = _to_f32(tl.load(x_ptr + g[:, None] * GS + jj[None, :], mask=mask, other=0.0))
             packed = _pack(_quantize(v, s, z, QMAX), BLOCK_G, CHUNK, BITS)
             kk = ci * (CHUNK // PER) + k
             bmask = gmask[:, None] & (kk < GS // PER)[None, :]
@@ -138,7 +152,7 @@ def _quant_cols_kernel(
     kmask = kb < N // PER
     if NUM_CHUNKS == 1:
         mask = (i < GS)[:, None] & cmask[None, :]
-        v = tl.load(x_ptr + (row0 + i)[:, None] * N + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = _to_f32(tl.load(x_ptr + (row0 + i)[:, None] * N + c[None, :], mask=mask, other=0.0))
         mn, mx = _masked_minmax(v, mask, 0)
     else:
         mn = tl.full((BLOCK_N,), float("inf"), tl.float32)
@@ -146,15 +160,15 @@ def _quant_cols_kernel(
         for ci in range(NUM_CHUNKS):
             ii = ci * CHUNK + i
             mask = (ii < GS)[:, None] & cmask[None, :]
-            v = tl.load(x_ptr + (row0 + ii)[:, None] * N + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            v = _to_f32(tl.load(x_ptr + (row0 + ii)[:, None] * N + c[None, :], mask=mask, other=0.0))
             cmn, cmx = _masked_minmax(v, mask, 0)
             mn, mx = tl.minimum(mn, cmn), tl.maximum(mx, cmx)
     scale = cast_rne(tl.math.div_rn(mx - mn, tl.full((BLOCK_N,), QMAX, tl.float32)), scale_ptr.dtype.element_ty)
     zero = cast_rne(mn, zero_ptr.dtype.element_ty)
     tl.store(scale_ptr + grp * N + c, scale, mask=cmask)
     tl.store(zero_ptr + grp * N + c, zero, mask=cmask)
-    s = scale.to(tl.float32)[None, :]
-    z = zero.to(tl.float32)[None, :]
+    s = _to_f32(scale)[None, :]
+    z = _to_f32(zero)[None, :]
     if NUM_CHUNKS == 1:
         packed = _pack(_quantize(v, s, z, QMAX), CHUNK, BLOCK_N, BITS)
         bmask = (i < GS)[:, None] & kmask[None, :]
@@ -163,7 +177,7 @@ def _quant_cols_kernel(
         for ci in range(NUM_CHUNKS):
             ii = ci * CHUNK + i
             mask = (ii < GS)[:, None] & cmask[None, :]
-            v = tl.load(x_ptr + (row0 + ii)[:, None] * N + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            v = _to_f32(tl.load(x_ptr + (row0 + ii)[:, None] * N + c[None, :], mask=mask, other=0.0))
             packed = _pack(_quantize(v, s, z, QMAX), CHUNK, BLOCK_N, BITS)
             bmask = (ii < GS)[:, None] & kmask[None, :]
             tl.store(codes_ptr + (row0 + ii)[:, None] * (N // PER) + kb[None, :], packed.to(tl.uint8), mask=bmask)
@@ -198,36 +212,52 @@ def _dequant_kernel(
         sidx = r[:, None] * (N // GS) + (c // GS)[None, :]
     else:
         sidx = ((r // T) * (T // GS) + (r % T) // GS)[:, None] * N + c[None, :]
-    s = tl.load(scale_ptr + sidx, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(zero_ptr + sidx, mask=mask, other=0.0).to(tl.float32)
+    s = _to_f32(tl.load(scale_ptr + sidx, mask=mask, other=0.0))
+    z = _to_f32(tl.load(zero_ptr + sidx, mask=mask, other=0.0))
     tl.store(out_ptr + r[:, None] * N + c[None, :], cast_rne(q * s + z, out_ptr.dtype.element_ty), mask=mask)
 
 
-def _chunking(extent: int) -> tuple[int, int]:
-    chunk = min(triton.next_power_of_2(extent), MAX_TILE)
-    return chunk, triton.cdiv(extent, chunk)
+def _num_warps(tile: int) -> int:
+    return max(1, min(8, tile // 1024))
 
 
-def quant_pack(x: torch.Tensor, bits: int, group_size: int, axis: int):
-    """Launcher for ``lrkern::quant_pack``: x contiguous, validated; axis -1 or -2. Returns (codes, scale, zero)."""
+def quant_pack(x: torch.Tensor, bits: int, group_size: int, axis: int, max_tile: int | None = None):
+    """Launcher for ``lrkern::quant_pack``: x contiguous, validated; axis -1 or -2. Returns (codes, scale, zero).
+
+    ``max_tile`` (a power of two, default ``MAX_TILE``) bounds the elements one program loads at once; groups that do
+    not fit are processed in chunks.
+    """
+    max_tile = MAX_TILE if max_tile is None else max_tile
     codes_shape, scale_shape = packed_shapes(x.shape, bits, group_size, axis)
     codes = empty(codes_shape, torch.uint8, x.device)
     scale = empty(scale_shape, x.dtype, x.device)
     zero = empty(scale_shape, x.dtype, x.device)
-    chunk, num_chunks = _chunking(group_size)
+    gs_p2 = triton.next_power_of_2(group_size)
     if axis == -1:
         groups = x.numel() // group_size
-        block_g = max(1, MAX_TILE // chunk) if num_chunks == 1 else 1
+        chunk = min(gs_p2, max_tile)
+        num_chunks = triton.cdiv(group_size, chunk)
+        # Several short groups per program (one per tile row), capped by the group count so tiny inputs do not
+        # compute padding rows.
+        block_g = min(max_tile // chunk, triton.next_power_of_2(groups)) if num_chunks == 1 else 1
         grid = (triton.cdiv(groups, block_g),)
         _quant_rows_kernel[grid](x, codes, scale, zero, groups, GS=group_size, BITS=bits, BLOCK_G=block_g,
-                                 CHUNK=chunk, NUM_CHUNKS=num_chunks, num_warps=4)
+                                 CHUNK=chunk, NUM_CHUNKS=num_chunks, num_warps=_num_warps(block_g * chunk))
     else:
         t, n = x.shape[-2], x.shape[-1]
-        # The column block is a multiple of the codes per byte so each program writes whole bytes.
-        block_n = max(codes_per_byte(bits), min(triton.next_power_of_2(n), max(16, MAX_TILE // chunk)))
-        grid = (x.numel() // (group_size * n), triton.cdiv(n, block_n))
+        groups = x.numel() // (group_size * n)
+        # 128 columns read 256-512 contiguous bytes per row. Narrower blocks, down to 32 columns (64 bytes per row:
+        # still whole 32-byte sectors), let a longer token group fit one tile, so x is read once, and give more
+        # programs when there are few groups.
+        per = codes_per_byte(bits)
+        block_n = max(per, min(triton.next_power_of_2(n), 128, max_tile))
+        while block_n > 32 and (gs_p2 * block_n > max_tile or groups * triton.cdiv(n, block_n) < _MIN_PROGRAMS):
+            block_n //= 2
+        chunk = max(1, min(gs_p2, max_tile // block_n))
+        num_chunks = triton.cdiv(group_size, chunk)
+        grid = (groups, triton.cdiv(n, block_n))
         _quant_cols_kernel[grid](x, codes, scale, zero, t, n, GS=group_size, BITS=bits, BLOCK_N=block_n, CHUNK=chunk,
-                                 NUM_CHUNKS=num_chunks, num_warps=4)
+                                 NUM_CHUNKS=num_chunks, num_warps=_num_warps(chunk * block_n))
     return codes, scale, zero
 
 
@@ -239,9 +269,12 @@ def dequant(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: 
     t = shape[-2] if axis == -2 else 1
     rows = out.numel() // n
     per = codes_per_byte(bits)
-    block_b = min(triton.next_power_of_2(n // per), max(1, 1024 // per))
-    block_r = max(1, MAX_TILE // (block_b * per))
+    # Up to 1024 codes of a row per program, and as many rows as fill a MAX_TILE tile.
+    block_b = min(triton.next_power_of_2(n // per), 1024 // per)
+    block_r = max(1, min(MAX_TILE // (block_b * per), triton.next_power_of_2(rows)))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(n // per, block_b))
+    # No FMA contraction: the reference rounds code * scale before adding zero, and the output must match it.
     _dequant_kernel[grid](codes, scale, zero, out, rows, n, t, GS=group_size, PER_TOKEN=axis == -1, BITS=bits,
-                          BLOCK_R=block_r, BLOCK_B=block_b, num_warps=4)
+                          BLOCK_R=block_r, BLOCK_B=block_b, num_warps=_num_warps(block_r * block_b * per),
+                          enable_fp_fusion=False)
     return out
