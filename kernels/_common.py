@@ -4,6 +4,19 @@ import triton.language as tl
 
 
 @triton.jit
+def to_f32(v):
+    """Exact widening to fp32; bf16 is widened with integer ops (its 16 bits become the top half of the fp32 word).
+
+    This is what the GPU's own conversion does, spelled out because Triton's interpreter mis-converts bf16
+    subnormals, and the codes must not differ between the interpreter and the GPU.
+    """
+    if v.dtype == tl.bfloat16:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
 def cast_rne(v, dtype: tl.constexpr):
     """fp32 -> dtype with round-to-nearest-even; bf16 is rounded with integer ops.
 

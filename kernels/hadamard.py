@@ -6,7 +6,7 @@ import math
 import torch
 import triton
 import triton.language as tl
-from lrkern.kernels._common import cast_rne
+from lrkern.kernels._common import cast_rne, to_f32
 
 from lrkern._alloc import empty
 
@@ -17,17 +17,6 @@ MAX_FUSED_N = 8192
 # TODO(gpu): autotune _TILE (4K..16K) and num_warps (4/8/16) per (n, dtype) on H100; these are first guesses, and
 # the constant-geometry stages' layout conversions (shared memory or shuffles) are what to watch in the profile.
 _TILE = 8192
-
-
-@triton.jit
-def _to_f32(v):
-    """Exact widening to fp32 (bf16: the 16 bits become the top half of the fp32 word)."""
-    # The GPU's own conversion, spelled out because Triton's interpreter mis-converts bf16 subnormals.
-    # TODO: share with kernels/quant.py through kernels/_common.py.
-    if v.dtype == tl.bfloat16:
-        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        return v.to(tl.float32)
 
 
 @triton.jit
@@ -60,14 +49,14 @@ def _fwht_kernel(
         p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
         offs = p[:, None] * L + i[None, :]
         mask = (p < R)[:, None]
-        v = _fwht_tile(_to_f32(tl.load(x_ptr + offs, mask=mask, other=0.0)), BLOCK_P, L, LOG_L)
+        v = _fwht_tile(to_f32(tl.load(x_ptr + offs, mask=mask, other=0.0)), BLOCK_P, L, LOG_L)
         tl.store(y_ptr + offs, cast_rne(v * scale, y_ptr.dtype.element_ty), mask=mask)
     else:
         # grid (R, S // BLOCK_P): one r and BLOCK_P consecutive c per program, so every access is contiguous along c
         # (coalesced) and, as BLOCK_P divides S (both powers of two), needs no mask.
         c = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
         offs = tl.program_id(0).to(tl.int64) * (L * S) + c[:, None] + (i * S)[None, :]
-        v = _fwht_tile(_to_f32(tl.load(x_ptr + offs)), BLOCK_P, L, LOG_L)
+        v = _fwht_tile(to_f32(tl.load(x_ptr + offs)), BLOCK_P, L, LOG_L)
         tl.store(y_ptr + offs, cast_rne(v * scale, y_ptr.dtype.element_ty))
 
 

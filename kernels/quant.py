@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from lrkern.kernels._common import cast_rne
+from lrkern.kernels._common import cast_rne, to_f32
 
 from lrkern._alloc import empty
 from lrkern.layout import codes_per_byte, packed_shapes, unpacked_shape
@@ -20,17 +20,6 @@ from lrkern.layout import codes_per_byte, packed_shapes, unpacked_shape
 MAX_TILE = 8192
 # Fewest programs the per-channel launch aims for (about two per H100 SM) before narrowing its column block.
 _MIN_PROGRAMS = 264
-
-
-@triton.jit
-def _to_f32(v):
-    """Exact widening to fp32 (bf16: the 16 bits become the top half of the fp32 word)."""
-    # Same instructions as the GPU's own bf16 -> fp32 conversion, but spelled out because Triton's interpreter
-    # mis-converts bf16 subnormals, and the codes must not differ between the interpreter and the GPU.
-    if v.dtype == tl.bfloat16:
-        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        return v.to(tl.float32)
 
 
 @triton.jit
@@ -92,7 +81,7 @@ def _quant_rows_kernel(
     k = tl.arange(0, CHUNK // PER)
     if NUM_CHUNKS == 1:
         mask = gmask[:, None] & (j < GS)[None, :]
-        v = _to_f32(tl.load(x_ptr + g[:, None] * GS + j[None, :], mask=mask, other=0.0))
+        v = to_f32(tl.load(x_ptr + g[:, None] * GS + j[None, :], mask=mask, other=0.0))
         mn, mx = _masked_minmax(v, mask, 1)
     else:
         mn = tl.full((BLOCK_G,), float("inf"), tl.float32)
@@ -100,7 +89,7 @@ def _quant_rows_kernel(
         for ci in range(NUM_CHUNKS):
             jj = ci * CHUNK + j
             mask = gmask[:, None] & (jj < GS)[None, :]
-            v = _to_f32(tl.load(x_ptr + g[:, None] * GS + jj[None, :], mask=mask, other=0.0))
+            v = to_f32(tl.load(x_ptr + g[:, None] * GS + jj[None, :], mask=mask, other=0.0))
             cmn, cmx = _masked_minmax(v, mask, 1)
             mn, mx = tl.minimum(mn, cmn), tl.maximum(mx, cmx)
     # Rows past G have mn = +inf, mx = -inf; they are masked out of every store.
@@ -108,8 +97,8 @@ def _quant_rows_kernel(
     zero = cast_rne(mn, zero_ptr.dtype.element_ty)
     tl.store(scale_ptr + g, scale, mask=gmask)
     tl.store(zero_ptr + g, zero, mask=gmask)
-    s = _to_f32(scale)[:, None]
-    z = _to_f32(zero)[:, None]
+    s = to_f32(scale)[:, None]
+    z = to_f32(zero)[:, None]
     if NUM_CHUNKS == 1:
         packed = _pack(_quantize(v, s, z, QMAX), BLOCK_G, CHUNK, BITS)
         bmask = gmask[:, None] & (k < GS // PER)[None, :]
@@ -118,7 +107,7 @@ def _quant_rows_kernel(
         for ci in range(NUM_CHUNKS):
             jj = ci * CHUNK + j
             mask = gmask[:, None] & (jj < GS)[None, :]
-            v = _to_f32(tl.load(x_ptr + g[:, None] * GS + jj[None, :], mask=mask, other=0.0))
+            v = to_f32(tl.load(x_ptr + g[:, None] * GS + jj[None, :], mask=mask, other=0.0))
             packed = _pack(_quantize(v, s, z, QMAX), BLOCK_G, CHUNK, BITS)
             kk = ci * (CHUNK // PER) + k
             bmask = gmask[:, None] & (kk < GS // PER)[None, :]
@@ -152,7 +141,7 @@ def _quant_cols_kernel(
     kmask = kb < N // PER
     if NUM_CHUNKS == 1:
         mask = (i < GS)[:, None] & cmask[None, :]
-        v = _to_f32(tl.load(x_ptr + (row0 + i)[:, None] * N + c[None, :], mask=mask, other=0.0))
+        v = to_f32(tl.load(x_ptr + (row0 + i)[:, None] * N + c[None, :], mask=mask, other=0.0))
         mn, mx = _masked_minmax(v, mask, 0)
     else:
         mn = tl.full((BLOCK_N,), float("inf"), tl.float32)
@@ -160,15 +149,15 @@ def _quant_cols_kernel(
         for ci in range(NUM_CHUNKS):
             ii = ci * CHUNK + i
             mask = (ii < GS)[:, None] & cmask[None, :]
-            v = _to_f32(tl.load(x_ptr + (row0 + ii)[:, None] * N + c[None, :], mask=mask, other=0.0))
+            v = to_f32(tl.load(x_ptr + (row0 + ii)[:, None] * N + c[None, :], mask=mask, other=0.0))
             cmn, cmx = _masked_minmax(v, mask, 0)
             mn, mx = tl.minimum(mn, cmn), tl.maximum(mx, cmx)
     scale = cast_rne(tl.math.div_rn(mx - mn, tl.full((BLOCK_N,), QMAX, tl.float32)), scale_ptr.dtype.element_ty)
     zero = cast_rne(mn, zero_ptr.dtype.element_ty)
     tl.store(scale_ptr + grp * N + c, scale, mask=cmask)
     tl.store(zero_ptr + grp * N + c, zero, mask=cmask)
-    s = _to_f32(scale)[None, :]
-    z = _to_f32(zero)[None, :]
+    s = to_f32(scale)[None, :]
+    z = to_f32(zero)[None, :]
     if NUM_CHUNKS == 1:
         packed = _pack(_quantize(v, s, z, QMAX), CHUNK, BLOCK_N, BITS)
         bmask = (i < GS)[:, None] & kmask[None, :]
@@ -177,7 +166,7 @@ def _quant_cols_kernel(
         for ci in range(NUM_CHUNKS):
             ii = ci * CHUNK + i
             mask = (ii < GS)[:, None] & cmask[None, :]
-            v = _to_f32(tl.load(x_ptr + (row0 + ii)[:, None] * N + c[None, :], mask=mask, other=0.0))
+            v = to_f32(tl.load(x_ptr + (row0 + ii)[:, None] * N + c[None, :], mask=mask, other=0.0))
             packed = _pack(_quantize(v, s, z, QMAX), CHUNK, BLOCK_N, BITS)
             bmask = (ii < GS)[:, None] & kmask[None, :]
             tl.store(codes_ptr + (row0 + ii)[:, None] * (N // PER) + kb[None, :], packed.to(tl.uint8), mask=bmask)
@@ -212,8 +201,8 @@ def _dequant_kernel(
         sidx = r[:, None] * (N // GS) + (c // GS)[None, :]
     else:
         sidx = ((r // T) * (T // GS) + (r % T) // GS)[:, None] * N + c[None, :]
-    s = _to_f32(tl.load(scale_ptr + sidx, mask=mask, other=0.0))
-    z = _to_f32(tl.load(zero_ptr + sidx, mask=mask, other=0.0))
+    s = to_f32(tl.load(scale_ptr + sidx, mask=mask, other=0.0))
+    z = to_f32(tl.load(zero_ptr + sidx, mask=mask, other=0.0))
     tl.store(out_ptr + r[:, None] * N + c[None, :], cast_rne(q * s + z, out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -84,6 +84,17 @@ def test_constant_and_underflowing_groups(backend, device, dtype, axis):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_subnormal_inputs(backend, device, dtype):
+    # Groups entirely in the subnormal range of their dtype (fp32/bf16 below 1.2e-38, fp16 below 6.1e-5).
+    tiny = 1e-39 if dtype != torch.float16 else 1e-6
+    x = (torch.randn(6, 32, device=device) * tiny).to(dtype)
+    assert (x != 0).any()
+    for axis in (-1, -2):
+        _check_same_quant(lrkern.quant_pack(x, 4, 2 if axis == -2 else 16, axis),
+                          ref_quant_pack(x, 4, 2 if axis == -2 else 16, axis))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("bits", BITS)
 def test_roundtrip_within_half_a_step(backend, device, dtype, bits):
     x = _x((6, 128), dtype, device)

@@ -40,7 +40,9 @@ def quant_pack(x: torch.Tensor, bits: int, group_size: int, axis: int):
     g, dim = grouped(x.to(torch.float32), group_size, axis)
     mn = g.amin(dim=dim, keepdim=True)
     mx = g.amax(dim=dim, keepdim=True)
-    scale = ((mx - mn) / qmax).to(x.dtype)
+    # Divide by a tensor: for a Python-scalar divisor PyTorch's CUDA kernel multiplies by the reciprocal, which is not
+    # the IEEE division the specification (and every kernel) uses.
+    scale = ((mx - mn) / torch.full_like(mx, qmax)).to(x.dtype)
     zero = mn.to(x.dtype)
     s, z = scale.to(torch.float32), zero.to(torch.float32)
     nonzero = s > 0
