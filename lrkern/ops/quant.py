@@ -25,19 +25,25 @@ _dequant_impl = Dispatcher(
 )
 
 
+def _normalise_axis(axis: int, ndim: int) -> int | None:
+    """-1 or -2 for the accepted spellings of the last / second-to-last dim, None for anything else."""
+    if axis in (-1, ndim - 1):
+        return -1
+    if ndim >= 2 and axis in (-2, ndim - 2):
+        return -2
+    return None
+
+
 def _check_layout(shape, bits: int, group_size: int, axis: int, what: str) -> int:
     """Validates bits/group_size/axis against an (unpacked) ``shape``; returns axis normalised to -1 or -2."""
     _checks.integer("bits", bits, accepted=SUPPORTED_BITS)
     _checks.integer("group_size", group_size, minimum=1)
     _checks.integer("axis", axis)
-    ndim = len(shape)
-    if axis in (-1, ndim - 1):
-        axis = -1
-    elif ndim >= 2 and axis in (-2, ndim - 2):
-        axis = -2
-    else:
+    normalised = _normalise_axis(axis, len(shape))
+    if normalised is None:
         raise ValueError(f"axis={axis} is not supported for {what} of shape {tuple(shape)}; accepted: -1 (groups along "
                          "the last dim) or -2 (groups of rows along the second-to-last dim, needs >= 2 dims)")
+    axis = normalised
     per = codes_per_byte(bits)
     extent = shape[axis]
     if extent % group_size:
@@ -128,7 +134,7 @@ def _(codes, scale, zero, bits, group_size, axis):
 def _dequant_setup(ctx, inputs, output):
     codes, scale, zero, bits, group_size, axis = inputs
     ctx.save_for_backward(codes)
-    ctx.layout = (bits, group_size, -1 if axis in (-1, codes.dim() - 1) else -2)
+    ctx.layout = (bits, group_size, _normalise_axis(axis, codes.dim()))
     ctx.scale_dtype = scale.dtype
 
 
