@@ -4,7 +4,7 @@
 # bench/results/ and prints a summary. It installs nothing from the network and never touches torch.
 # Budget: about 10 minutes on one H100 (build ~1 min, tests ~3 min, benchmarks ~4 min).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # the interpreter would run the CUDA tests on the host
@@ -38,6 +38,6 @@ bench_rc=${PIPESTATUS[0]}
 
 echo "== summary"
 echo "tests: $([ "$tests_rc" = 0 ] && echo passed || echo "FAILED (rc=$tests_rc)")"
-echo "benchmarks: $([ "$bench_rc" = 0 ] && echo done || echo "FAILED (rc=$bench_rc)"); results in bench/results/"
+echo "benchmarks: $([ "$bench_rc" = 0 ] && echo "done" || echo "FAILED (rc=$bench_rc)"); results in bench/results/"
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then cp bench/results/*.jsonl "$LOG" "$OUT"/ 2>/dev/null || true; fi
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
