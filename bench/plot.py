@@ -75,7 +75,8 @@ def plot_run(plt, rows: list[dict], out: Path) -> None:
         ax.set_title(op, fontsize=10, loc="left")
         ax.legend(fontsize=7, loc="upper right")
     fig.suptitle(f"{meta['device']} | torch {meta.get('torch')} | triton {meta.get('triton')} | "
-                 f"commit {meta['commit']} | {meta['date']} | cache {meta.get('cache', 'warm (not recorded)')}", fontsize=9)
+                 f"commit {meta['commit']} | {meta['date']} | cache {meta.get('cache', 'warm (not recorded)')}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -52,7 +52,8 @@ class Target:
         if value is None:
             backend = "triton" if self.device == "cuda" else "cpp"
             why = backends_note.get(backend)
-            return f"{self.name}: not measured ({f'{backend} backend unavailable: {why}' if why else 'no such row in this run'})"
+            reason = f"{backend} backend unavailable: {why}" if why else "no such row in this run"
+            return f"{self.name}: not measured ({reason})"
         if self.metric == "pct_memcpy":
             shown, limit = f"{100 * value:.1f}% of memcpy", f">= {100 * self.threshold:.0f}%"
         else:
@@ -146,7 +147,8 @@ def main(argv=None, only=None) -> int:
         print(f"\nnot recorded (--no-record); {len(rows)} rows in {time.perf_counter() - start:.0f} s")
     elif rows:
         path = record(rows, device)
-        print(f"\nrecorded {len(rows)} rows to {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}"
+        shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+        print(f"\nrecorded {len(rows)} rows to {shown}"
               f" in {time.perf_counter() - start:.0f} s")
     return 1 if errors else 0
 
