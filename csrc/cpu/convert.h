@@ -10,7 +10,7 @@
 
 #include <ATen/ATen.h>
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -91,6 +91,66 @@ inline c10::BFloat16 from_f32<c10::BFloat16>(float v) {
   store_f32(&v, &b, 1);
   return b;
 }
+
+// 8-lane AVX2 versions of the same conversions, for the kernels' vector paths. LRKERN_AVX2 is defined where they
+// exist (setup.py builds with -march=native); every kernel keeps a portable scalar path for other machines.
+#if defined(__AVX2__) && defined(__F16C__)
+#define LRKERN_AVX2 1
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+// Same rounding as the scalar store_f32 above: nearest even on the dropped bits, NaN -> 0x7FC0.
+inline __m256i bf16_round_bits(__m256 v) {  // the bf16 bits in the low half of each int32 lane
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+}
+inline void store8(c10::BFloat16* p, __m256 v) {
+  const __m256i r = bf16_round_bits(v);
+  const __m256i p16 = _mm256_packus_epi32(r, r);  // per 128-bit lane: [r0..r3 r0..r3 | r4..r7 r4..r7]
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(_mm256_permute4x64_epi64(p16, 0x08)));
+}
+
+// 16 values at once (a: the first 8): for bf16 one pack serves both halves.
+inline void store16(float* p, __m256 a, __m256 b) {
+  store8(p, a);
+  store8(p + 8, b);
+}
+inline void store16(c10::Half* p, __m256 a, __m256 b) {
+  store8(p, a);
+  store8(p + 8, b);
+}
+inline void store16(c10::BFloat16* p, __m256 a, __m256 b) {
+  const __m256i w = _mm256_packus_epi32(bf16_round_bits(a), bf16_round_bits(b));  // [a0-3 b0-3 | a4-7 b4-7]
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(w, 0xD8));
+}
+
+inline float hmin8(__m256 v) {
+  __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_min_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+#endif
 
 }  // namespace lrkern::cpu
 
