@@ -7,6 +7,7 @@ Adding an op: write ``lrkern/reference/<op>.py``, the Triton launcher in ``kerne
 """
 from lrkern.ops._dispatch import available_backends, select_backend, use_backend
 from lrkern.ops.hadamard import hadamard
+from lrkern.ops.kv_attention import kv_attention
 from lrkern.ops.quant import dequant, quant_pack
 
-__all__ = ["hadamard", "quant_pack", "dequant", "use_backend", "select_backend", "available_backends"]
+__all__ = ["hadamard", "kv_attention", "quant_pack", "dequant", "use_backend", "select_backend", "available_backends"]

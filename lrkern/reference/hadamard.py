@@ -32,3 +32,22 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device=None) -> 
         parity ^= bits & 1
         bits = bits >> 1
     return ((1 - 2 * parity).to(torch.float64) / math.sqrt(n)).to(dtype)
+
+
+def rotation_block(d: int) -> int:
+    """Block size of the head-dim rotation: the largest power of two dividing d (d itself when d is a power of two).
+
+    d = 64, 128, 256 -> the full H_d; d = 96 -> 32, i.e. the block-diagonal I_3 (x) H_32.
+    """
+    return d & -d
+
+
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal head-dim rotation x @ (I_{d/b} (x) H_b), b = ``rotation_block(d)``; its own inverse (fp32 math).
+
+    The block-diagonal form keeps the rotation exact and cheap for head dims that are not powers of two (96 = 3 x 32),
+    at the price of mixing only within each block.
+    """
+    d = x.shape[-1]
+    b = rotation_block(d)
+    return hadamard(x.reshape(*x.shape[:-1], d // b, b)).reshape(x.shape)
