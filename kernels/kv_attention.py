@@ -47,7 +47,7 @@ def _dot_split(a, b):
     scaling, but Triton's interpreter computes bf16 dots wrongly, and CI runs the interpreter.)
     """
     r = tl.max(tl.abs(a), axis=1)
-    inv = tl.where(r > 0, 1.0 / r, 0.0)
+    inv = tl.where(r > 0, 1.0 / tl.where(r > 0, r, 1.0), 0.0)
     an = a * inv[:, None]
     hi = an.to(tl.float16)
     lo = (an - hi.to(tl.float32)).to(tl.float16)

@@ -27,3 +27,14 @@ def dequant(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: 
     out = _alloc.empty(unpacked_shape(codes.shape, bits), scale.dtype, codes.device)
     _ext.cpp().dequant_out(codes, scale, zero, out, bits, group_size, axis)
     return out
+
+
+def kv_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v_win, n_quant, n_win, corr_s, corr_z,
+                 phi_q, bits: int, group_size: int, key_per_channel: bool, channel_group: int, rotate_keys: bool,
+                 value_rotation: bool, scale: float):
+    out = _alloc.empty(q.shape, q.dtype, q.device)
+    lse = _alloc.empty(q.shape[:3], torch.float32, q.device)
+    _ext.cpp().kv_attention_out(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v_win, n_quant, n_win,
+                                corr_s, corr_z, phi_q, bits, group_size, key_per_channel, channel_group, rotate_keys,
+                                value_rotation, scale, out, lse)
+    return out, lse

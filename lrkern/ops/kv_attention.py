@@ -47,14 +47,6 @@ def _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v_win, 
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
     if not isinstance(scale, float):
         raise TypeError(f"scale must be a float, got {type(scale).__name__} {scale!r}")
-    per = 8 // bits
-    if d > MAX_HEAD_DIM or d % per:
-        raise ValueError(f"head dim d={d} is not supported: it must be <= {MAX_HEAD_DIM} and a multiple of {per} "
-                         f"(codes per byte at bits={bits})")
-    if (rotate_keys or value_rotation) and rotation_block(d) < 2:
-        raise ValueError(f"head dim d={d} is odd: the Hadamard rotation (rotate_keys / value_rotation) needs an even d")
-    if d % channel_group or channel_group % per:
-        raise ValueError(f"channel_group={channel_group} must divide the head dim d={d} and be a multiple of {per}")
     _checks.tensor("k_win", k_win, min_dim=4)
     if k_win.dim() != 4:
         raise ValueError(f"k_win must be [B, Hkv, W, d], got shape {tuple(k_win.shape)}")
@@ -64,6 +56,14 @@ def _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v_win, 
     _shape("k_win", k_win, (B, Hkv, W, d))
     _checks.tensor("v_win", v_win, min_dim=4)
     _shape("v_win", v_win, (B, Hkv, W, d))
+    per = 8 // bits
+    if d > MAX_HEAD_DIM or d % per:
+        raise ValueError(f"head dim d={d} is not supported: it must be <= {MAX_HEAD_DIM} and a multiple of {per} "
+                         f"(codes per byte at bits={bits})")
+    if (rotate_keys or value_rotation) and rotation_block(d) < 2:
+        raise ValueError(f"head dim d={d} is odd: the Hadamard rotation (rotate_keys / value_rotation) needs an even d")
+    if d % channel_group or channel_group % per:
+        raise ValueError(f"channel_group={channel_group} must divide the head dim d={d} and be a multiple of {per}")
     _checks.tensor("k_codes", k_codes, dtypes=(torch.uint8,), min_dim=4)
     Tq = k_codes.shape[2] if k_codes.dim() == 4 else -1
     _shape("k_codes", k_codes, (B, Hkv, Tq, d // per))
