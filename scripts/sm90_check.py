@@ -1,0 +1,104 @@
+"""Compile lrkern's Triton kv_attention kernels for sm_90 (H100) on any machine and report their resources.
+
+    python scripts/sm90_check.py            # one JSON line per (problem class, kernel): registers, spill stack, smem
+
+The interpreter that CI runs never compiles a kernel, so errors only a real compile sees (a global that is not a
+constexpr, an op a layout does not support, a tile that spills to local memory) would otherwise first show up on a
+GPU machine. Triton ships ptxas and cuobjdump, so no GPU or CUDA toolkit is needed. Must run without
+TRITON_INTERPRET=1 (under it @triton.jit functions are not compilable); tests/test_sm90_compile.py runs it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lrkern.kernels import kv_attention as K  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+# (Hq, Hkv, t, d, bits, G, key_per_channel, channel_group, rotate_keys, value_rotation, D, dtype): the benchmark
+# shapes (Llama-3-8B, SmolLM2-135M) in every preset, a prefill chunk, and the awkward head dims.
+CLASSES = [
+    (32, 8, 1, 128, 2, 128, True, 128, False, True, 64, torch.float16),  # KVLinC-2, Llama-3-8B
+    (32, 8, 1, 128, 2, 128, True, 128, False, False, None, torch.float16),  # KIVI-2
+    (32, 8, 1, 128, 2, 128, False, 128, True, True, None, torch.bfloat16),  # QuaRot-style-2
+    (9, 3, 1, 64, 2, 128, True, 64, False, True, 64, torch.float16),  # KVLinC-2, SmolLM2-135M
+    (9, 3, 1, 64, 4, 128, True, 64, False, False, None, torch.float32),  # KIVI-4 on an fp32 cache
+    (32, 8, 16, 128, 2, 128, True, 128, False, True, 64, torch.float16),  # prefill chunk: 64 query rows
+    (8, 1, 1, 96, 2, 128, True, 32, False, True, None, torch.float16),  # d = 96, channel groups of 32
+    (8, 2, 1, 256, 2, 128, True, 256, False, True, 64, torch.float16),  # d = 256
+]
+
+
+def class_id(c) -> str:
+    return f"Hq{c[0]}-Hkv{c[1]}-t{c[2]}-d{c[3]}-b{c[4]}-{'ch' if c[6] else 'tok'}-D{c[10]}-{TL[c[11]]}"
+
+
+def compile_sm90(fn, types: dict, meta: dict):
+    meta = dict(meta)
+    num_warps = meta.pop("num_warps")
+    signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
+    constexprs = {(fn.arg_names.index(k),): v for k, v in meta.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def resources(compiled) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        text = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", str(cubin)],
+                              capture_output=True, text=True, check=True).stdout
+    line = next(ln for ln in text.splitlines() if "REG:" in ln)
+    used = {k: int(v) for k, v in (f.split(":") for f in line.split() if f.split(":")[0] in ("REG", "STACK"))}
+    return {"registers": used["REG"], "spill_stack_bytes": used["STACK"], "shared_bytes": compiled.metadata.shared}
+
+
+def check(cls) -> list[dict]:
+    Hq, Hkv, t, d, bits, G, per_channel, cg, rot_k, rot_v, D, dtype = cls
+    split_meta, combine_meta = K.launch_config(Hq, Hkv, t, d, bits, G, per_channel, cg, rot_v, D)
+    f = "*" + TL[dtype]
+    # With rotated keys the launcher hands the split kernel an fp32, rotated q.
+    split_types = dict(q_ptr="*fp32" if rot_k else f, kc_ptr="*u8", ks_ptr=f, kz_ptr=f, vc_ptr="*u8", vs_ptr=f, vz_ptr=f, kw_ptr=f,
+                       vw_ptr=f, nq_ptr="*i32", nw_ptr="*i32", m_ws="*fp32", l_ws="*fp32", acc_ws="*fp32", Hkv="i32",
+                       Tq="i32", W="i32", MROWS="i32", TILES_PER_SPLIT="i32", NSPLIT="i32", qk_scale="fp32")
+    combine_types = dict(m_ws="*fp32", l_ws="*fp32", acc_ws="*fp32", phi_ptr="*fp32", cs_ptr="*fp32",
+                         cz_ptr="*fp32", out_ptr=f, lse_ptr="*fp32", MROWS="i32", NSP="i32")
+    rows = []
+    for fn, types, meta in ((K._kv_split_kernel, split_types, split_meta),
+                            (K._kv_combine_kernel, combine_types, combine_meta)):
+        row = {"class": class_id(cls), "kernel": fn.__name__, "num_warps": meta["num_warps"]}
+        try:
+            row.update(resources(compile_sm90(fn, types, meta)))
+        except Exception as exc:  # reported per kernel, so one failure does not hide the others
+            row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        rows.append(row)
+    return rows
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
+        return 2
+    for cls in CLASSES:
+        for row in check(cls):
+            print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
