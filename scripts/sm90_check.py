@@ -1,4 +1,4 @@
-"""Compile lrkern's Triton kv_attention kernels for sm_90 (H100) on any machine and report their resources.
+"""Compile lrkern's Triton kernels for sm_90 (H100) on any machine and report their resources.
 
     python scripts/sm90_check.py            # one JSON line per (problem class, kernel): registers, spill stack, smem
 
@@ -23,7 +23,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lrkern.kernels import hadamard as HK  # noqa: E402
 from lrkern.kernels import kv_attention as K  # noqa: E402
+from lrkern.kernels import quant as QK  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -90,6 +92,41 @@ def check(cls) -> list[dict]:
     return rows
 
 
+# The foundation kernels at the configurations their launchers pick for the benchmark shapes (fp16): Hadamard
+# n = 128 (one pass), n = 8192 (one row per program) and the strided second pass of n = 32768; per-token and
+# per-channel 2-bit quant_pack with groups of 128; dequant.
+_F16 = "*fp16"
+FOUNDATION = [
+    ("hadamard-n128", HK._fwht_kernel, dict(x_ptr=_F16, y_ptr=_F16, R="i32", scale="fp32"),
+     dict(L=128, LOG_L=7, S=1, BLOCK_P=64, num_warps=8)),
+    ("hadamard-n8192", HK._fwht_kernel, dict(x_ptr=_F16, y_ptr=_F16, R="i32", scale="fp32"),
+     dict(L=8192, LOG_L=13, S=1, BLOCK_P=1, num_warps=8)),
+    ("hadamard-n32768-pass2", HK._fwht_kernel, dict(x_ptr="*fp32", y_ptr=_F16, R="i32", scale="fp32"),
+     dict(L=4, LOG_L=2, S=8192, BLOCK_P=2048, num_warps=8)),
+    ("quant-rows-b2-g128", QK._quant_rows_kernel, dict(x_ptr=_F16, codes_ptr="*u8", scale_ptr=_F16, zero_ptr=_F16,
+                                                       G="i32"),
+     dict(GS=128, BITS=2, BLOCK_G=64, CHUNK=128, NUM_CHUNKS=1, num_warps=8)),
+    ("quant-cols-b2-g128", QK._quant_cols_kernel, dict(x_ptr=_F16, codes_ptr="*u8", scale_ptr=_F16, zero_ptr=_F16,
+                                                       T="i32", N="i32"),
+     dict(GS=128, BITS=2, BLOCK_N=64, CHUNK=128, NUM_CHUNKS=1, num_warps=8)),
+    ("dequant-b2-tok", QK._dequant_kernel, dict(codes_ptr="*u8", scale_ptr=_F16, zero_ptr=_F16, out_ptr=_F16,
+                                                R="i32", N="i32", T="i32"),
+     dict(GS=128, PER_TOKEN=True, BITS=2, BLOCK_R=64, BLOCK_B=32, num_warps=8)),
+]
+
+
+def check_foundation() -> list[dict]:
+    rows = []
+    for name, fn, types, meta in FOUNDATION:
+        row = {"class": name, "kernel": fn.__name__, "num_warps": meta["num_warps"]}
+        try:
+            row.update(resources(compile_sm90(fn, types, meta)))
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        rows.append(row)
+    return rows
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
@@ -97,6 +134,8 @@ def main() -> int:
     for cls in CLASSES:
         for row in check(cls):
             print(json.dumps(row), flush=True)
+    for row in check_foundation():
+        print(json.dumps(row), flush=True)
     return 0
 
 
