@@ -185,7 +185,7 @@ class QuantizedKV:
         return list(self._nw)
 
     def lengths_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n_quant, n_win) as int32 tensors on the cache's device (cached until the next append)."""
+        """(n_quant, n_win) as int32 tensors on the cache's device, kept in step with the host-side lengths."""
         if self._lengths_dev is None:
             self._lengths_dev = (torch.tensor(self._nq, dtype=torch.int32, device=self.device),
                                  torch.tensor(self._nw, dtype=torch.int32, device=self.device))
@@ -275,21 +275,26 @@ class QuantizedKV:
         v_st = rotate(v) if c.value_rotation else v
         if lengths is None and t == 1:
             self._append_one(k_st, v_st, psi)
-        else:
-            groups: dict[tuple[int, int, int], list[int]] = defaultdict(list)
-            for b in range(B):
-                if lens[b]:
-                    groups[(self._nq[b], self._nw[b], lens[b])].append(b)
-            for (nq, nw, n), rows in groups.items():
-                lo = 0 if padding_side == "right" else t - n
-                self._append_rows(rows, nq, nw, k_st[:, :, lo:lo + n], v_st[:, :, lo:lo + n], psi)
+            return
+        # Rows in the same state (quantized length, window length, new tokens) are appended together.
+        groups: dict[tuple[int, int, int], list[int]] = defaultdict(list)
+        for b in range(B):
+            if lens[b]:
+                groups[(self._nq[b], self._nw[b], lens[b])].append(b)
+        for (nq, nw, n), rows in groups.items():
+            lo = 0 if padding_side == "right" else t - n
+            self._append_rows(rows, nq, nw, k_st[:, :, lo:lo + n], v_st[:, :, lo:lo + n], psi)
         self._lengths_dev = None
 
     def _append_one(self, k_st: torch.Tensor, v_st: torch.Tensor, psi) -> None:
-        """Decode step: one token per row written in place into the window; full windows flush one block."""
+        """Decode step: one token per row written in place into the window; full windows flush one block.
+
+        Without a flush the step stays on the device: the window position comes from the cached n_win tensor, which
+        is then incremented in place, so a decode step issues no host-to-device copy (nor a sync)."""
         B = self.batch_size
-        pos = torch.tensor(self._nw, device=self.device)
+        n_win = self.lengths_tensors()[1]
         rows = torch.arange(B, device=self.device)
+        pos = n_win.long()
         self.k_win[rows, :, pos] = k_st[:, :, 0]
         self.v_win[rows, :, pos] = v_st[:, :, 0]
         full: dict[int, list[int]] = defaultdict(list)
@@ -297,6 +302,9 @@ class QuantizedKV:
             self._nw[b] += 1
             if self._nw[b] == self.config.residual:
                 full[self._nq[b]].append(b)
+        if not full:
+            n_win.add_(1)
+            return
         g = self.config.group_size
         for nq, rs in full.items():
             idx = torch.tensor(rs, device=self.device)
@@ -306,6 +314,7 @@ class QuantizedKV:
             self.v_win[idx, :, :r - g] = self.v_win[idx, :, g:r].clone()
             for b in rs:
                 self._nw[b] = r - g
+        self._lengths_dev = None
 
     def _append_rows(self, rows: list[int], nq: int, nw: int, k_new: torch.Tensor, v_new: torch.Tensor, psi) -> None:
         """Rows sharing (n_quant, n_win): window + new tokens, full blocks flushed, the rest kept as the window."""
