@@ -11,4 +11,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("axis"));
   m.def("dequant_out", &lrkern::cpu::dequant_out, "out = code * scale + zero (fp32 inside)", py::arg("codes"),
         py::arg("scale"), py::arg("zero"), py::arg("out"), py::arg("bits"), py::arg("group_size"), py::arg("axis"));
+  m.def("kv_attention_out", &lrkern::cpu::kv_attention_out, "attention over a quantized KV cache plus its window",
+        py::arg("q"), py::arg("k_codes"), py::arg("k_scale"), py::arg("k_zero"), py::arg("v_codes"),
+        py::arg("v_scale"), py::arg("v_zero"), py::arg("k_win"), py::arg("v_win"), py::arg("n_quant"),
+        py::arg("n_win"), py::arg("corr_s"), py::arg("corr_z"), py::arg("phi_q"), py::arg("bits"),
+        py::arg("group_size"), py::arg("key_per_channel"), py::arg("channel_group"), py::arg("rotate_keys"),
+        py::arg("value_rotation"), py::arg("scale"), py::arg("out"), py::arg("lse"));
 }

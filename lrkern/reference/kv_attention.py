@@ -72,7 +72,8 @@ def kv_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v
     qg = q32.reshape(B, Hkv, g * t, d)
     s = torch.matmul(qg, k.transpose(-1, -2)) * scale
     s = s.masked_fill(~valid, float("-inf"))
-    m = s.amax(dim=-1)  # -inf for an empty row
+    # -inf for an empty row (amax refuses an empty dim, which a cache with no window and no codes has)
+    m = s.amax(dim=-1) if s.shape[-1] else s.new_full(s.shape[:-1], float("-inf"))
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m_safe[..., None])  # exactly 0 at masked tokens
     L = p.sum(-1)
