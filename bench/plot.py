@@ -45,7 +45,7 @@ def case_label(r: dict) -> str:
 
 
 def plot_run(plt, rows: list[dict], out: Path) -> None:
-    rows = [r for r in rows if r["impl"] != "memcpy" and r.get("pct_memcpy")]
+    rows = [r for r in rows if r.get("impl") != "memcpy" and r.get("pct_memcpy")]
     ops = list(dict.fromkeys(r["op"] for r in rows))
     meta = rows[0]["meta"]
     gpu = meta.get("device_type") == "cuda" or out.name.startswith("gpu-")
@@ -54,12 +54,12 @@ def plot_run(plt, rows: list[dict], out: Path) -> None:
     for ax, op in zip(axes[:, 0], ops):
         op_rows = [r for r in rows if r["op"] == op]
         labels = list(dict.fromkeys(case_label(r) for r in op_rows))
-        impls = list(dict.fromkeys(r["impl"] for r in op_rows))
+        impls = list(dict.fromkeys(r.get("impl") for r in op_rows))
         width = 0.8 / len(impls)
         for k, impl in enumerate(impls):
             xs, ys = [], []
             for i, label in enumerate(labels):
-                match = [r for r in op_rows if r["impl"] == impl and case_label(r) == label]
+                match = [r for r in op_rows if r.get("impl") == impl and case_label(r) == label]
                 if match:
                     xs.append(i + (k - (len(impls) - 1) / 2) * width)
                     ys.append(100 * match[0]["pct_memcpy"])
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     wrote = 0
     for path in files:
         rows = select_run(load(path), args.commit)
-        if not any(r["impl"] != "memcpy" and r.get("pct_memcpy") for r in rows):
+        if not any(r.get("impl") != "memcpy" and r.get("pct_memcpy") for r in rows):
             print(f"{path}: no run to plot" + (f" at commit {args.commit}" if args.commit else ""))
             continue
         out = path.with_suffix(".png")

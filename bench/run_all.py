@@ -1,9 +1,9 @@
 """Runs the op benchmarks, prints their tables and the speed targets, and records the rows to bench/results/.
 
-    python bench/run_all.py [--device cpu|cuda|auto] [--quick] [--no-record] [--only hadamard|quant]
+    python bench/run_all.py [--device cpu|cuda|auto] [--quick] [--no-record] [--only hadamard|quant|decode]
 
-Exit status 1 when an lrkern kernel (or the reference) failed or disagreed with the reference; missed speed targets
-are reported, not failed.
+Exit status 1 when an lrkern kernel (or the reference) failed or disagreed with the reference, or a decode baseline
+disagreed with it; missed speed targets are reported, not failed.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from bench import bench_hadamard, bench_quant
+from bench import bench_decode, bench_hadamard, bench_quant
 from bench.common import (
     CPU_CACHE_MODES,
     bench_backends,
@@ -31,7 +31,10 @@ from bench.common import (
     set_cpu_cache,
 )
 
-BENCHES = {"hadamard": ("hadamard", bench_hadamard), "quant": ("quant_pack / dequant", bench_quant)}
+# decode keeps its own rows, table, targets and results file (bench/results/decode_attention.jsonl): its rows are
+# (model, B, T, provider) measurements with speed-ups against SDPA, not the op rows of common.Row.
+BENCHES = {"hadamard": ("hadamard", bench_hadamard), "quant": ("quant_pack / dequant", bench_quant),
+           "decode": ("decode attention", bench_decode)}
 
 
 @dataclass
@@ -125,32 +128,46 @@ def main(argv=None, only=None) -> int:
     for note in env_flag_warnings():
         print(f"note: {note}")
 
-    rows, errors = [], []
+    rows, errors, decode = [], [], None
     start = time.perf_counter()
     for key in selected:
         title, module = BENCHES[key]
         print(f"\n-- {title}", flush=True)
         t0 = time.perf_counter()
         part, errs = module.run(device, args.quick, meta)
-        print_table(part, f"{title} ({time.perf_counter() - t0:.0f} s)")
-        rows += part
+        heading = f"{title} ({time.perf_counter() - t0:.0f} s)"
+        if module is bench_decode:
+            decode = part
+            print(f"\n== {heading}\n{bench_decode.table(decode)}", flush=True)
+        else:
+            print_table(part, heading)
+            rows += part
         errors += errs
 
     print("\n== targets")
-    for line in targets(rows, device, skipped):
+    lines = targets(rows, device, skipped)
+    lines += bench_decode.targets(decode) if decode else ["decode attention: not measured (not selected by --only)"]
+    for line in lines:
         print(f"  {line}")
     if errors:
         print(f"\n== {len(errors)} error(s)")
         for e in errors:
             print(f"  {e}")
+    n_decode = len(decode.rows) if decode else 0
     if args.no_record:
-        print(f"\nnot recorded (--no-record); {len(rows)} rows in {time.perf_counter() - start:.0f} s")
-    elif rows:
-        path = record(rows, device)
-        shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
-        print(f"\nrecorded {len(rows)} rows to {shown}"
-              f" in {time.perf_counter() - start:.0f} s")
+        print(f"\nnot recorded (--no-record); {len(rows) + n_decode} rows in {time.perf_counter() - start:.0f} s")
+        return 1 if errors else 0
+    if rows:
+        _recorded(len(rows), record(rows, device))
+    if n_decode:
+        _recorded(n_decode, bench_decode.record(decode))
+    print(f"done in {time.perf_counter() - start:.0f} s")
     return 1 if errors else 0
+
+
+def _recorded(n: int, path: Path) -> None:
+    shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+    print(f"\nrecorded {n} rows to {shown}")
 
 
 if __name__ == "__main__":
