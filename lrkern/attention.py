@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from lrkern.ops.kv_attention import kv_attention
+from lrkern.ops.kv_attention import kv_attention, kv_attention_trusted
 from lrkern.quantized_kv import QuantizedKV
 
 PhiFn = Callable[[torch.Tensor], torch.Tensor]
@@ -58,8 +58,15 @@ def _cache_attention(q: torch.Tensor, kv: QuantizedKV, scale: float, phi) -> tup
     args = kv.kernel_args()
     if phi_q is None:
         args = args[:-2] + (None, None)
-    return kv_attention(q, *args, phi_q, c.bits, c.group_size, c.key_per_channel, c.cgroup, c.rotate_keys,
-                        c.value_rotation, float(scale))
+    full = (q.contiguous(), *args, phi_q, c.bits, c.group_size, c.key_per_channel, c.cgroup, c.rotate_keys,
+            c.value_rotation, float(scale))
+    # The registered op wherever it matters: under torch.compile (it traces through the fake implementation) and
+    # when a gradient is asked for (the op refuses a backward instead of silently returning a detached result).
+    # Otherwise, everything kv_attention would check is guaranteed by the cache and by _check_q / _phi_features.
+    wants_grad = torch.is_grad_enabled() and (q.requires_grad or (phi_q is not None and phi_q.requires_grad))
+    if torch.compiler.is_compiling() or wants_grad:
+        return kv_attention(*full)
+    return kv_attention_trusted(*full)
 
 
 def decode_attention(q: torch.Tensor, kv: QuantizedKV, scale: Optional[float] = None,

@@ -117,3 +117,19 @@ def test_mismatched_query_or_features_raise(device):
     with pytest.raises(ValueError, match="k_new"):
         lrkern.prefill_attention(torch.randn(2, 4, 3, 64, device=device), torch.randn(2, 2, 2, 64, device=device),
                                  torch.randn(2, 2, 3, 64, device=device), kv)
+
+
+def test_eager_fast_path_equals_the_registered_op(backend, device):
+    """decode_attention skips the op's validation in eager mode; it must compute exactly what the op computes, and a
+    query that wants a gradient goes through the op, which refuses the backward instead of returning a detached
+    result."""
+    from tests.kv_cases import op_args, phi_features
+
+    kv, _, _ = make_cache("kvlinc", 2, 2, 64, (2 * G + 3, G + 1), G=G, device=device)
+    q = torch.randn(2, 4, 1, 64, device=device)
+    phi_q = phi_features(kv, q)
+    fast = lrkern.decode_attention(q, kv, phi=phi_q)
+    assert torch.equal(fast, torch.ops.lrkern.kv_attention(*op_args(kv, q, phi_q))[0])
+    out = lrkern.decode_attention(q.clone().requires_grad_(True), kv, phi=phi_q)
+    with pytest.raises(RuntimeError):
+        out.sum().backward()

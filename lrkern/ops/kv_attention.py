@@ -139,6 +139,14 @@ def kv_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, 
     return _impl(q.device, *contiguous)
 
 
+def kv_attention_trusted(*args) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kv_attention`` without its per-call validation and without torch.library's dispatch, for callers whose cache
+    arguments come from a ``QuantizedKV`` (consistent by construction) and whose q and phi_q were checked against that
+    cache (``lrkern.attention`` does both). Together the two cost ~0.1 ms per call on CPU, a third of a decode step
+    at 8k tokens. Backend selection is the same ``Dispatcher``; q and phi_q must be contiguous."""
+    return _impl(args[0].device, *args)
+
+
 @kv_attention.register_fake
 def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v_win, n_quant, n_win, corr_s, corr_z, phi_q,
       bits, group_size, key_per_channel, channel_group, rotate_keys, value_rotation, scale):
