@@ -112,17 +112,32 @@ def prefill_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         if x.dtype != q.dtype or x.device != q.device:
             raise TypeError(f"{name} ({x.dtype}, {x.device}) must match q ({q.dtype}, {q.device})")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    out_c, lse_c = _cache_attention(q, kv, scale, phi)
     g = Hq // c.num_kv_heads
-    k = k_new.float().repeat_interleave(g, dim=1)
-    v = v_new.float().repeat_interleave(g, dim=1)
-    s = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).triu_(1)
-    s = s.masked_fill(causal, float("-inf"))
-    lse_n = torch.logsumexp(s, dim=-1)  # finite: query i always sees new token i
-    out_n = torch.matmul(torch.softmax(s, dim=-1), v)
+    if max(kv.lengths) == 0:
+        # Nothing cached (a first prefill; S and z are zero too): plain causal attention on the chunk.
+        k, v = k_new.repeat_interleave(g, dim=1), v_new.repeat_interleave(g, dim=1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    out_c, lse_c = _cache_attention(q, kv, scale, phi)
+    out_n, lse_n = _causal_chunk_attention(q, k_new, v_new, g, scale)
     lse = torch.maximum(lse_c, lse_n)
     w_c = torch.exp(lse_c - lse)  # 0 where the cache row is empty (lse_c = -inf)
     w_n = torch.exp(lse_n - lse)
     out = (out_c.float() * w_c[..., None] + out_n * w_n[..., None]) / (w_c + w_n)[..., None]
     return out.to(q.dtype)
+
+
+def _causal_chunk_attention(q, k_new, v_new, g: int, scale: float, block: int = 512):
+    """(out fp32, lse) of causal attention of q [B, Hq, t, d] over the chunk's own keys, in fp32, in blocks of
+    ``block`` queries so that at most block x t scores per head exist at once."""
+    t = q.shape[2]
+    k = k_new.float().repeat_interleave(g, dim=1)
+    v = v_new.float().repeat_interleave(g, dim=1)
+    outs, lses = [], []
+    for i0 in range(0, t, block):
+        i1 = min(t, i0 + block)
+        s = torch.matmul(q[:, :, i0:i1].float(), k[:, :, :i1].transpose(-1, -2)) * scale
+        future = torch.arange(i1, device=q.device)[None, :] > torch.arange(i0, i1, device=q.device)[:, None]
+        s = s.masked_fill(future, float("-inf"))
+        lses.append(torch.logsumexp(s, dim=-1))  # finite: query i always sees new token i
+        outs.append(torch.matmul(torch.softmax(s, dim=-1), v[:, :, :i1]))
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)

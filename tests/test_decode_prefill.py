@@ -75,9 +75,19 @@ def test_prefill_on_an_empty_cache_is_plain_causal_attention(backend, device):
     kv = lrkern.QuantizedKV.preset("kivi", 1, 2, 64, group_size=G, dtype=torch.float32, device=device)
     q, k, v = (torch.randn(1, n, 9, 64, device=device) for n in (4, 2, 2))
     out = lrkern.prefill_attention(q, k, v, kv)
-    want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
-                                                            is_causal=True)
-    assert_close(out, want)
+    want = torch.stack([_softmax_attention(q[:, :, i:i + 1].cpu(), k.cpu(), v.cpu(), [i + 1]) for i in range(9)], 2)
+    assert_close(out, want[:, :, :, 0].to(device))
+
+
+def test_prefill_chunk_blocks(device):
+    """The chunk's own causal part in query blocks equals one block."""
+    from lrkern.attention import _causal_chunk_attention
+
+    q, k, v = torch.randn(2, 6, 37, 64, device=device), torch.randn(2, 3, 37, 64, device=device), torch.randn(
+        2, 3, 37, 64, device=device)
+    one = _causal_chunk_attention(q, k, v, 2, 0.125, block=64)
+    for a, b in zip(_causal_chunk_attention(q, k, v, 2, 0.125, block=8), one):
+        assert_close(a, b)
 
 
 def test_decode_step_compiles(device):
