@@ -15,10 +15,13 @@ scale row per token group) and ``s_j (q . code_j) + z_j sum(q)`` for per-token k
 ``sum_j p_j v_hat_j = (p * s_v) @ codes + (p . z_v)``. Codes are small integers, exact in fp16; the fp32 operand is
 split into fp16 hi + lo parts (rows scaled to [-1, 1] first), so two fp16 tensor-core dots give ~22 significant bits
 (a single fp16, bf16 or tf32 dot would give 8 to 11 and visibly perturb softmax at large scores). The window
-(<= R tokens) is multiplied in fp32.
+(<= R tokens) is multiplied in fp32. For rotated keys (QuaRot-style) the queries are rotated in fp32 by the Hadamard
+kernel before the split launch.
+
+Block sizes and warps come from ``launch_config``; ``scripts/sm90_check.py`` compiles every kernel for sm_90 with
+the ptxas that Triton ships and reports registers and spills, which is how they were chosen without a GPU.
 """
 from __future__ import annotations
-
 
 import torch
 import triton
@@ -228,7 +231,8 @@ def _kv_combine_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """out = (A e^{m-M} + c_n e^{-M}) / (L e^{m-M} + c_d e^{-M}), M = max(m, log c_d), rotated back; lse = M + log den."""
+    """out = (A e^{m-M} + c_n e^{-M}) / (L e^{m-M} + c_d e^{-M}) with M = max(m, log c_d), rotated back;
+    lse = M + log den."""
     bh = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < MROWS
@@ -299,8 +303,8 @@ def launch_config(Hq: int, Hkv: int, t: int, d: int, bits: int, group_size: int,
     block_t = _block_t(block_m, block_d, group_size, key_per_channel)
     rot_b = rotation_block(d)
     rot = dict(ROT_B=rot_b, LOG_ROT_B=rot_b.bit_length() - 1, ROT_SCALE=rot_b ** -0.5)
-    split = dict(d=d, BITS=bits, G=group_size, KEY_PER_CHANNEL=key_per_channel, CG=channel_group, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_T=block_t,
-                 num_warps=_SPLIT_WARPS)
+    split = dict(d=d, BITS=bits, G=group_size, KEY_PER_CHANNEL=key_per_channel, CG=channel_group, BLOCK_M=block_m,
+                 BLOCK_D=block_d, BLOCK_T=block_t, num_warps=_SPLIT_WARPS)
     combine = dict(d=d, DF=df or 1, HAS_CORR=df is not None, VALUE_ROT=value_rotation, **rot, BLOCK_M=block_m,
                    BLOCK_D=block_d, num_warps=4)
     return split, combine

@@ -75,9 +75,10 @@ def check(cls) -> list[dict]:
     split_meta, combine_meta = K.launch_config(Hq, Hkv, t, d, bits, G, per_channel, cg, rot_v, D)
     f = "*" + TL[dtype]
     # With rotated keys the launcher hands the split kernel an fp32, rotated q.
-    split_types = dict(q_ptr="*fp32" if rot_k else f, kc_ptr="*u8", ks_ptr=f, kz_ptr=f, vc_ptr="*u8", vs_ptr=f, vz_ptr=f, kw_ptr=f,
-                       vw_ptr=f, nq_ptr="*i32", nw_ptr="*i32", m_ws="*fp32", l_ws="*fp32", acc_ws="*fp32", Hkv="i32",
-                       Tq="i32", W="i32", MROWS="i32", TILES_PER_SPLIT="i32", NSPLIT="i32", qk_scale="fp32")
+    split_types = dict(q_ptr="*fp32" if rot_k else f, kc_ptr="*u8", ks_ptr=f, kz_ptr=f, vc_ptr="*u8", vs_ptr=f,
+                       vz_ptr=f, kw_ptr=f, vw_ptr=f, nq_ptr="*i32", nw_ptr="*i32", m_ws="*fp32", l_ws="*fp32",
+                       acc_ws="*fp32", Hkv="i32", Tq="i32", W="i32", MROWS="i32", TILES_PER_SPLIT="i32", NSPLIT="i32",
+                       qk_scale="fp32")
     combine_types = dict(m_ws="*fp32", l_ws="*fp32", acc_ws="*fp32", phi_ptr="*fp32", cs_ptr="*fp32",
                          cz_ptr="*fp32", out_ptr=f, lse_ptr="*fp32", MROWS="i32", NSP="i32")
     rows = []

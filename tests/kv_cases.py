@@ -1,4 +1,5 @@
-"""Builders shared by the KV-cache tests: caches filled through ``QuantizedKV.append`` and the op arguments they give."""
+"""Builders shared by the KV-cache tests: caches filled through ``QuantizedKV.append``, and the op arguments they
+give."""
 from __future__ import annotations
 
 import torch
