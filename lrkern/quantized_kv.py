@@ -131,7 +131,9 @@ class QuantizedKV:
             raise ValueError(f"batch_size={batch_size!r} must be a positive int")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"dtype={dtype} is not supported; accepted: float32, float16, bfloat16")
-        self.config, self.batch_size, self.dtype, self.device = config, batch_size, dtype, torch.device(device)
+        self.config, self.batch_size, self.dtype = config, batch_size, dtype
+        # Resolved through an allocation so "cuda" becomes "cuda:0" and compares equal to the tensors' devices.
+        self.device = torch.empty(0, device=device).device
         self.psi = psi
         c = config
         B, H, d, per = batch_size, c.num_kv_heads, c.head_dim, 8 // c.bits
@@ -399,8 +401,8 @@ class QuantizedKV:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` (beam search): every buffer and length is gathered along the batch dim."""
-        idx = index.to(self.device)
-        picked = idx.tolist()
+        picked = [int(i) for i in index.tolist()]  # host copy first: index usually comes from the host already
+        idx = torch.tensor(picked, dtype=torch.long, device=self.device)
         for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "k_win", "v_win", "corr_s",
                      "corr_z"):
             t = getattr(self, name)
