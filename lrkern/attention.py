@@ -49,6 +49,8 @@ def _phi_features(phi, q: torch.Tensor, kv: QuantizedKV) -> Optional[torch.Tenso
     if not isinstance(feats, torch.Tensor) or tuple(feats.shape) != want:
         got = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
         raise ValueError(f"phi(q) gave {got}; expected query features {want} (the cache's feature_dim={D})")
+    if feats.device != q.device:
+        raise ValueError(f"phi(q) is on {feats.device} but q is on {q.device}")
     return feats.float().contiguous()
 
 
