@@ -26,7 +26,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from lrkern.ops.hadamard import hadamard
+from lrkern.ops.hadamard import hadamard, hadamard_trusted
 from lrkern.ops.kv_attention import KV_BITS, MAX_HEAD_DIM
 from lrkern.ops.quant import quant_pack
 from lrkern.reference.hadamard import rotation_block
@@ -43,7 +43,11 @@ def rotate(x: torch.Tensor) -> torch.Tensor:
     the ``lrkern::hadamard`` op; it is its own inverse."""
     d = x.shape[-1]
     b = rotation_block(d)
-    return hadamard(x.reshape(*x.shape[:-1], d // b, b)).reshape(x.shape)
+    blocks = x.reshape(*x.shape[:-1], d // b, b)
+    if x.numel() == 0 or torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
+        return hadamard(blocks).reshape(x.shape)
+    # The cache's own tensors: already valid for the op, so skip its per-call checks (a decode step rotates one token).
+    return hadamard_trusted(blocks).reshape(x.shape)
 
 
 @dataclass(frozen=True)

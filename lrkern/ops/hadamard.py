@@ -37,6 +37,13 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     return _impl(x.device, x.contiguous())
 
 
+def hadamard_trusted(x: torch.Tensor) -> torch.Tensor:
+    """``hadamard`` without its validation and torch.library's dispatch (~40 us per call on CPU), for internal callers
+    whose x is a non-empty float tensor with a power-of-two last dim in range, in eager mode without autograd (the
+    quantized KV cache rotates one token per layer per decode step). Backend selection is the same Dispatcher."""
+    return _impl(x.device, x.contiguous())
+
+
 @hadamard.register_fake
 def _(x: torch.Tensor) -> torch.Tensor:
     _check(x)
