@@ -209,7 +209,10 @@ class QuantizedKV:
         return sum(t.numel() * t.element_size() for t in self._buffers())
 
     def reserve(self, tokens: int) -> None:
-        """Make room for ``tokens`` quantized tokens per row (rounded up to G), so appends up to there never copy."""
+        """Make room for ``tokens`` quantized tokens per row (rounded up to G), so appends up to there never copy.
+
+        The GPU kernel splits its work over this capacity, so reserving far more than the rows will hold leaves the
+        later splits idle; reserve what the sequence will reach."""
         g = self.config.group_size
         cap = -(-tokens // g) * g
         if cap <= self._cap:
