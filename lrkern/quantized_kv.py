@@ -217,7 +217,6 @@ class QuantizedKV:
         cap = -(-tokens // g) * g
         if cap <= self._cap:
             return
-        old = self._cap
 
         def grow(t: torch.Tensor, dim: int, new: int) -> torch.Tensor:
             shape = list(t.shape)
@@ -234,7 +233,6 @@ class QuantizedKV:
         self.v_scale = grow(self.v_scale, 2, cap)
         self.v_zero = grow(self.v_zero, 2, cap)
         self._cap = cap
-        assert old <= cap
 
     def _ensure(self, tokens: int) -> None:
         if tokens > self._cap:

@@ -3,7 +3,6 @@ from quantization error), at awkward shapes: window boundaries, rows of differen
 import pytest
 import torch
 
-import lrkern
 from lrkern.reference.kv_attention import kv_attention as ref_kv_attention
 from tests.helpers import DTYPE_IDS, DTYPES, assert_close
 from tests.kv_cases import make_cache, op_args, phi_features
