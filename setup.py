@@ -10,10 +10,9 @@ from glob import glob
 
 from setuptools import setup
 
-packages = ["lrkern", "lrkern.ops", "lrkern.reference", "lrkern.kernels"]
-# kernels/ must never become a top-level ``kernels`` module: that name belongs to another PyPI project which
-# transformers probes for.
-package_dir = {"lrkern.kernels": "kernels"}
+# The Triton kernels live in lrkern/kernels, never in a top-level ``kernels`` folder: that import name belongs to
+# another PyPI project which transformers imports, and a repo-root folder would shadow it for any script run there.
+packages = ["lrkern", "lrkern.ops", "lrkern.reference", "lrkern.kernels", "lrkern.kvlinc"]
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("LRKERN_SKIP_EXT") != "1":
@@ -38,7 +37,6 @@ setup(
     version="0.1.0",
     description="Fused kernels (Triton, C++, CUDA C) for low-rank, low-bit and spiking efficiency methods",
     packages=packages,
-    package_dir=package_dir,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",

@@ -418,6 +418,24 @@ class QuantizedKV:
         self.batch_size = len(picked)
         self._lengths_dev = None
 
+    def crop(self, tokens: int) -> None:
+        """Drop the newest ``tokens`` tokens of every row (speculative decoding rolls back rejected drafts).
+
+        Exact as long as those tokens are still in the full-precision window: codes and the correction state are
+        never touched. (A block that the dropped tokens pushed out of the window stays quantized: the cache is then
+        the one that would have flushed that block a little early.) Reaching into quantized blocks would need the original keys back (psi saw them), so it is
+        refused; a residual window R > G keeps at least R - G tokens croppable after every flush."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"tokens={tokens!r} must be an int >= 0")
+        if tokens == 0:
+            return
+        if tokens > min(self._nw):
+            raise ValueError(f"cannot crop {tokens} tokens: only the residual window can be cropped exactly and the "
+                             f"shortest window holds {min(self._nw)} (n_win per row: {self._nw}); build the cache "
+                             "with a larger residual (R > group_size) to keep a croppable slack")
+        self._nw = [n - tokens for n in self._nw]
+        self._lengths_dev = None
+
     def __repr__(self) -> str:
         return (f"QuantizedKV(batch_size={self.batch_size}, dtype={self.dtype}, device={self.device}, "
                 f"lengths={self.lengths}, {', '.join(f'{k}={v}' for k, v in asdict(self.config).items())})")

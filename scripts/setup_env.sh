@@ -40,7 +40,8 @@ if ! "$V" -c "import pytest, numpy, ninja" 2>/dev/null; then
   quiet_pip install -q -r requirements-dev.txt
 fi
 
-if ! "$V" -c "import importlib.util as u, sys; sys.exit(u.find_spec('lrkern.kernels') is None)" 2>/dev/null; then
+# Imported from outside the repo, so it is the installed (editable) package that answers, with its current layout.
+if ! (cd / && "$V" -c "import lrkern.kernels.hadamard, lrkern.kvlinc" ) 2>/dev/null; then
   echo "setup: installing lrkern (editable)"
   # The package itself; the extension is built in place below so later runs rebuild incrementally.
   LRKERN_SKIP_EXT=1 quiet_pip install -q --no-deps --no-build-isolation -e .

@@ -1,6 +1,6 @@
 """Registered ops (``torch.ops.lrkern.*``). Importing this package registers them.
 
-Adding an op: write ``lrkern/reference/<op>.py``, the Triton launcher in ``kernels/<family>.py``, the C++ kernel in
+Adding an op: write ``lrkern/reference/<op>.py``, the Triton launcher in ``lrkern/kernels/<family>.py``, the C++ kernel in
 ``csrc/cpu/`` (bound in ``csrc/bindings.cpp``, wrapped in ``lrkern/ops/_cpp.py``), then ``lrkern/ops/<op>.py`` with a
 ``Dispatcher`` naming the three, the ``custom_op`` with its validation, ``register_fake`` and, where gradients flow,
 ``register_autograd``; import it below.
