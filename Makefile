@@ -3,12 +3,17 @@ PY := .venv/bin/python
 # Tests: Triton kernels through the interpreter on CPU; a missing C++ extension or Triton fails the run.
 TEST_ENV := TRITON_INTERPRET=1 LRKERN_POISON_EMPTY=1 LRKERN_REQUIRE_CPP=1 LRKERN_EXPECT_BACKENDS=cpp,triton,reference
 
-.PHONY: setup demo test bench plot gpu clean
+.PHONY: setup demo bench-quick test bench plot gpu clean
 
 setup:
 	@scripts/setup_env.sh
 
+# KVLinC on the packaged SmolLM2-135M: fp16 cache vs 2-bit KVLinC replies, KV bytes, tokens/s, perplexity (~3 min).
 demo: setup
+	.venv/bin/lrkern kvlinc demo
+
+# The op microbenchmarks on CPU without recording (Hadamard, quant, 2-bit KV decode attention vs SDPA), ~30 s.
+bench-quick: setup
 	$(PY) bench/run_all.py --device cpu --quick --no-record
 
 test: setup

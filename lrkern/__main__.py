@@ -1,0 +1,3 @@
+from lrkern.cli import main
+
+raise SystemExit(main())
