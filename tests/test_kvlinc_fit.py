@@ -256,3 +256,32 @@ def test_feature_map_activations():
     assert torch.isfinite(ex(x)).all() and (ex(x) > 0).all()
     with pytest.raises(ValueError, match="activation"):
         lrkern.FeatureMap(3, 8, 4, activation="relu")
+
+
+@pytest.mark.parametrize("preset", ["kvlinc", "kivi"])
+def test_o_proj_loss_measures_the_error_in_the_residual_stream(preset):
+    """correction_loss(out_proj=W) == |W (out - ref)|^2 / |W ref|^2 with out, ref rotated back and heads
+    concatenated: the rotation folded into W must be exact."""
+    from lrkern.reference.hadamard import rotate
+    torch.manual_seed(0)
+    N, Hq, Hkv, T, d = 2, 4, 2, 160, 64
+    q, k, v = torch.randn(N, Hq, T, d) * 2, torch.randn(N, Hkv, T, d) * 2, torch.randn(N, Hkv, T, d)
+    c = lrkern.KVConfig.preset(preset, Hkv, d, group_size=32, residual=32, feature_dim=8)
+    em = emulate_layer(q, k, v, c)
+    phi = lrkern.FeatureMap(Hq, d, 8, activation="exp")
+    psi = lrkern.FeatureMap(Hkv, d, 8, activation="exp")
+    with torch.no_grad():
+        phi.bias.fill_(-1.0)
+        psi.bias.fill_(-1.0)
+    W = torch.randn(48, Hq * d)
+    from lrkern.kvlinc.fit import corrected_output
+    out, ref = corrected_output(em, phi, psi), em.ref
+    back = (lambda x: rotate(x)) if c.value_rotation else (lambda x: x)
+
+    def proj(x):
+        return back(x).transpose(1, 2).reshape(N, -1, Hq * d) @ W.t()
+
+    want = (proj(out - ref).pow(2).mean() / proj(ref).pow(2).mean()).item()
+    got = correction_loss(em, phi, psi, out_proj=W).item()
+    assert got == pytest.approx(want, rel=1e-4)
+    assert got != pytest.approx(correction_loss(em, phi, psi).item(), rel=1e-2)  # a different metric

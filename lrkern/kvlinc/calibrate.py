@@ -73,6 +73,11 @@ def calibration_sequences(tokenizer, data: str | Path, n: int, seq_len: int) -> 
     return ids[: n * seq_len].view(n, seq_len)
 
 
+def _out_proj(model, layer: int) -> torch.Tensor:
+    """The o_proj weight [hidden, Hq*d] of decoder layer ``layer``, fp32 on the CPU (Llama / Qwen2 / Qwen3 layout)."""
+    return model.model.layers[layer].self_attn.o_proj.weight.detach().to("cpu", torch.float32)
+
+
 @dataclass(frozen=True)
 class CalibrationSettings:
     bits: int = 2
@@ -87,6 +92,7 @@ class CalibrationSettings:
     lr: float = FitDefaults.lr
     batch_size: int = FitDefaults.batch_size
     weight_decay: float = FitDefaults.weight_decay
+    loss_space: str = "o_proj"  # "o_proj": error after the output projection; "attention": of the attention output
     seed: int = 0
 
 
@@ -120,20 +126,26 @@ def calibrate(model, tokenizer, data: str | Path, settings: CalibrationSettings 
         q, k, v = captured.pop(layer)  # freed as we go
         phi, psi = adapters.phi[layer], adapters.psi[layer]
         em = emulate_layer(q[:fit_n], k[:fit_n], v[:fit_n], config, cache_dtype=cache_dtype)
+        w_o = _out_proj(model, layer) if settings.loss_space == "o_proj" else None
         history = fit_emulation(em, phi, psi, steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size,
-                                weight_decay=settings.weight_decay)
+                                weight_decay=settings.weight_decay, out_proj=w_o)
         del em
         held = emulate_layer(q[fit_n:], k[fit_n:], v[fit_n:], config, cache_dtype=cache_dtype)
         with torch.no_grad():
-            before = uncorrected_loss(held)
-            after = correction_loss(held, phi, psi).item()
+            before = uncorrected_loss(held, out_proj=w_o)
+            after = correction_loss(held, phi, psi, out_proj=w_o).item()
+        kept = after < before
+        if not kept:
+            # Validation decides: a correction that does not help on held-out text is switched off (near-zero maps).
+            init_feature_maps(phi, psi, generator=gen)
         report.append(dict(layer=layer, train_first=round(history[0], 6), train_last=round(history[-1], 6),
-                           heldout_uncorrected=round(before, 6), heldout_corrected=round(after, 6)))
+                           heldout_uncorrected=round(before, 6), heldout_corrected=round(after, 6), kept=kept))
         bar.set_postfix(heldout=f"{before:.4f}->{after:.4f}")
     adapters.extra = dict(settings=asdict(settings), data=Path(data).name, layers=report,
                           seconds=round(time.time() - t0, 1), cache_dtype=str(cache_dtype).removeprefix("torch."))
     mean_b = sum(r["heldout_uncorrected"] for r in report) / len(report)
-    mean_a = sum(r["heldout_corrected"] for r in report) / len(report)
+    mean_a = sum(min(r["heldout_corrected"], r["heldout_uncorrected"]) for r in report) / len(report)
     log(f"calibrate: {len(report)} layers in {adapters.extra['seconds']} s; held-out attention error (mean over "
-        f"layers, relative MSE) {mean_b:.4f} uncorrected -> {mean_a:.4f} corrected")
+        f"layers, relative MSE) {mean_b:.4f} uncorrected -> {mean_a:.4f} corrected; correction kept on "
+        f"{sum(r['kept'] for r in report)} layers")
     return adapters

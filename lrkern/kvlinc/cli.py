@@ -52,7 +52,7 @@ def cmd_calibrate(args) -> int:
     settings = CalibrationSettings(bits=args.bits, group_size=args.group_size, residual=args.residual or args.group_size,
                                    feature_dim=args.feature_dim, activation=args.activation,
                                    sequences=args.sequences, heldout=args.heldout, seq_len=args.seq_len,
-                                   steps=args.steps, lr=args.lr, seed=args.seed)
+                                   steps=args.steps, lr=args.lr, seed=args.seed, loss_space=args.loss_space)
     model, tok = _load(args)
     adapters = calibrate(model, tok, data, settings)
     adapters.extra["command"] = "lrkern kvlinc calibrate " + " ".join(sys.argv[3:] if args.argv is None else args.argv)
@@ -116,6 +116,8 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     from lrkern.kvlinc.fit import FitDefaults
     p.add_argument("--steps", type=int, default=FitDefaults.steps, help="Adam steps per layer")
     p.add_argument("--lr", type=float, default=FitDefaults.lr)
+    p.add_argument("--loss-space", default="o_proj", choices=("o_proj", "attention"),
+                   help="measure the fit error after the layer's output projection (default) or on the attention output")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_calibrate, argv=None)
 

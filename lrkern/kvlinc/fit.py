@@ -306,17 +306,44 @@ def emulated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config
 # ---------------------------------------------------------------------------------------------------- fitting
 
 
-def correction_loss(em: LayerEmulation, phi: FeatureFn, psi: FeatureFn, seqs: slice = slice(None)) -> torch.Tensor:
+def _project(em: LayerEmulation, x: torch.Tensor, out_proj: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [n, Hq, t, d] (stored value space) as the layer's output projection sees it: [n, t, hidden] when
+    ``out_proj`` [hidden, Hq*d] is given, else unchanged. The value rotation is folded into the weight (per head,
+    W_h H: H is symmetric and its own inverse), so no per-step rotation is needed."""
+    if out_proj is None:
+        return x
+    n, h, t, d = x.shape
+    w = out_proj
+    if em.config.value_rotation:
+        w = em.to_original(out_proj.reshape(-1, h, d)).reshape(out_proj.shape)
+    return torch.matmul(x.transpose(1, 2).reshape(n, t, h * d), w.t())
+
+
+def _ref_power(em: LayerEmulation, out_proj: Optional[torch.Tensor]) -> torch.Tensor:
+    """mean |ref|^2 over all sequences (projected when ``out_proj`` is given), computed once per weight."""
+    cache = em.__dict__.setdefault("_ref_power", {})
+    key = None if out_proj is None else id(out_proj)
+    if key not in cache:
+        with torch.no_grad():
+            cache[key] = _project(em, em.ref, out_proj).pow(2).mean()
+    return cache[key]
+
+
+def correction_loss(em: LayerEmulation, phi: FeatureFn, psi: FeatureFn, seqs: slice = slice(None),
+                    out_proj: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Relative squared error of the corrected output over the queries the correction touches, sequences ``seqs``:
     mean |out - ref|^2 / mean |ref|^2 (a scalar; 1.0 is what an output of zeros scores). The normaliser is taken over
-    all sequences so that the losses of mini-batches are on one scale."""
+    all sequences so that the losses of mini-batches are on one scale. With ``out_proj`` (the layer's o_proj weight
+    [hidden, Hq*d]) both are measured after the output projection, i.e. in the residual stream the error enters."""
     out = corrected_output(em, phi, psi, seqs)
-    return (out - em.ref[seqs]).pow(2).mean() / em.ref.pow(2).mean()
+    err = _project(em, out - em.ref[seqs], out_proj)
+    return err.pow(2).mean() / _ref_power(em, out_proj)
 
 
-def uncorrected_loss(em: LayerEmulation, seqs: slice = slice(None)) -> float:
+def uncorrected_loss(em: LayerEmulation, seqs: slice = slice(None), out_proj: Optional[torch.Tensor] = None) -> float:
     """``correction_loss`` of the cache without correction (where a near-zero init starts)."""
-    return float((em.out0[seqs] - em.ref[seqs]).pow(2).mean() / em.ref.pow(2).mean())
+    err = _project(em, em.out0[seqs] - em.ref[seqs], out_proj)
+    return float(err.pow(2).mean() / _ref_power(em, out_proj))
 
 
 # Initialisation of the feature maps (``init_feature_maps``, the same as FeatureMap(..., activation="exp") starts
@@ -365,10 +392,11 @@ def _batches(n: int, batch_size: Optional[int]) -> list[slice]:
 
 
 @torch.no_grad()
-def _total_loss(em: LayerEmulation, phi, psi, batches: list[slice]) -> float:
+def _total_loss(em: LayerEmulation, phi, psi, batches: list[slice], out_proj=None) -> float:
     """``correction_loss`` over all sequences, batch by batch (weighted by batch size: the mean over all queries)."""
     n = em.num_sequences
-    return sum(float(correction_loss(em, phi, psi, b)) * (b.stop - b.start) / n for b in batches)
+    with torch.no_grad():
+        return sum(float(correction_loss(em, phi, psi, b, out_proj)) * (b.stop - b.start) / n for b in batches)
 
 
 def _check_fit_args(steps, lr, batch_size, weight_decay) -> None:
@@ -385,7 +413,7 @@ def _check_fit_args(steps, lr, batch_size, weight_decay) -> None:
 def fit_emulation(em: LayerEmulation, phi: torch.nn.Module, psi: torch.nn.Module, *,
                   steps: int = FitDefaults.steps, lr: float = FitDefaults.lr,
                   batch_size: Optional[int] = FitDefaults.batch_size,
-                  weight_decay: float = FitDefaults.weight_decay,
+                  weight_decay: float = FitDefaults.weight_decay, out_proj: Optional[torch.Tensor] = None,
                   log: Optional[Callable[[int, float], None]] = None) -> list[float]:
     """Fit phi and psi (in place) to an emulated layer: AdamW against ``correction_loss`` over mini-batches of
     ``batch_size`` consecutive sequences taken in turn (None: all at once), cosine-decayed learning rate, decoupled
@@ -401,7 +429,7 @@ def fit_emulation(em: LayerEmulation, phi: torch.nn.Module, psi: torch.nn.Module
         raise ValueError("phi and psi have no trainable parameters")
     batches = _batches(em.num_sequences, batch_size)
     start = [p.detach().clone() for p in params]
-    start_loss = _total_loss(em, phi, psi, batches)
+    start_loss = _total_loss(em, phi, psi, batches, out_proj)
     decay = [p for p in params if p.dim() > 1]
     free = [p for p in params if p.dim() <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": free, "weight_decay": 0.0}],
@@ -409,7 +437,7 @@ def fit_emulation(em: LayerEmulation, phi: torch.nn.Module, psi: torch.nn.Module
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
     history = []
     for step in range(steps):
-        loss = correction_loss(em, phi, psi, batches[step % len(batches)])
+        loss = correction_loss(em, phi, psi, batches[step % len(batches)], out_proj)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -417,7 +445,7 @@ def fit_emulation(em: LayerEmulation, phi: torch.nn.Module, psi: torch.nn.Module
         history.append(loss.item())
         if log is not None:
             log(step, history[-1])
-    if steps and not _total_loss(em, phi, psi, batches) <= start_loss:  # also catches a NaN loss
+    if steps and not _total_loss(em, phi, psi, batches, out_proj) <= start_loss:  # also catches a NaN loss
         with torch.no_grad():
             for p, p0 in zip(params, start):
                 p.copy_(p0)
