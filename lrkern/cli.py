@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Optional, Sequence
 
 
@@ -11,4 +12,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from lrkern.kvlinc.cli import add_commands as kvlinc_commands
     kvlinc_commands(methods.add_parser("kvlinc", help="2-bit KV cache with linear correction (KVLinC)"))
     args = parser.parse_args(argv)
+    args.cli_argv = list(argv) if argv is not None else sys.argv[1:]  # recorded in artefacts (how they were made)
     return args.run(args) or 0

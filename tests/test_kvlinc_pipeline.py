@@ -138,6 +138,7 @@ def test_cli_calibrate_then_eval_writes_results(model_dir, tmp_path):
     assert cli(["kvlinc", "calibrate", *common, "--out", str(out), "--feature-dim", "8", "--sequences", "2",
                 "--heldout", "1", "--seq-len", "64", "--steps", "5"]) == 0
     assert out.is_file()
+    assert KVLinCAdapters.load(out).extra["command"].startswith("lrkern kvlinc calibrate --model ")
     js, md = tmp_path / "ppl.json", tmp_path / "ppl.md"
     assert cli(["kvlinc", "eval", *common, "--adapters", str(out), "--bits", "2", "--ctx", "64", "--windows", "2",
                 "--batch", "2", "--chunk", "8", "--out-json", str(js), "--out-md", str(md)]) == 0

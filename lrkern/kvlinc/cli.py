@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -55,7 +54,7 @@ def cmd_calibrate(args) -> int:
                                    steps=args.steps, lr=args.lr, seed=args.seed, loss_space=args.loss_space)
     model, tok = _load(args)
     adapters = calibrate(model, tok, data, settings)
-    adapters.extra["command"] = "lrkern kvlinc calibrate " + " ".join(sys.argv[3:] if args.argv is None else args.argv)
+    adapters.extra["command"] = "lrkern " + " ".join(args.cli_argv)
     adapters.extra["model"] = args.model
     adapters.save(args.out, adapters.extra)
     print(f"calibrate: wrote {args.out}")
@@ -119,7 +118,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--loss-space", default="o_proj", choices=("o_proj", "attention"),
                    help="measure the fit error after the layer's output projection (default) or on the attention output")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=cmd_calibrate, argv=None)
+    p.set_defaults(run=cmd_calibrate)
 
     p = sub.add_parser("eval", help="WikiText-2 perplexity through the real cache, and KV bytes per token")
     _model_args(p)
