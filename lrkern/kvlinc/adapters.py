@@ -45,11 +45,11 @@ class KVLinCAdapters(nn.Module):
     Args:
         model_config: the model's transformers config (geometry and architecture are recorded).
         kv_config: the cache settings the adapters are (to be) fitted for; its ``feature_dim`` is D (> 0).
-        activation: the feature maps' nonlinearity (see ``lrkern.FeatureMap``).
+        activation: the feature maps' nonlinearity (see ``lrkern.FeatureMap``; calibration uses "exp").
         fingerprint: ``model_fingerprint(model)``, checked by ``check_model``.
     """
 
-    def __init__(self, model_config, kv_config: KVConfig, activation: str = "softplus",
+    def __init__(self, model_config, kv_config: KVConfig, activation: str = "exp",
                  fingerprint: Optional[str] = None):
         super().__init__()
         if not kv_config.feature_dim:
@@ -60,9 +60,8 @@ class KVLinCAdapters(nn.Module):
                              f"match the model ({self.identity['num_kv_heads']}, {self.identity['head_dim']})")
         self.config, self.activation = kv_config, activation
         L, Hq, d, D = self.identity["num_layers"], self.identity["num_heads"], kv_config.head_dim, kv_config.feature_dim
-        extra = {} if activation == "softplus" else {"activation": activation}
-        self.phi = nn.ModuleList(FeatureMap(Hq, d, D, **extra) for _ in range(L))
-        self.psi = nn.ModuleList(FeatureMap(kv_config.num_kv_heads, d, D, **extra) for _ in range(L))
+        self.phi = nn.ModuleList(FeatureMap(Hq, d, D, activation=activation) for _ in range(L))
+        self.psi = nn.ModuleList(FeatureMap(kv_config.num_kv_heads, d, D, activation=activation) for _ in range(L))
 
     # ------------------------------------------------------------------------------------------------ checks
 
