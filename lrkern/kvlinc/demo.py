@@ -1,6 +1,7 @@
 """``lrkern kvlinc demo`` (``make demo``): the packaged SmolLM2-135M answers a question about a WikiText-2 article,
-once with transformers' own full-precision cache and once with a 2-bit ``KVLinCCache`` carrying the adapters that
-``lrkern kvlinc calibrate`` fitted (shipped in ``lrkern/kvlinc/assets/``), then a short perplexity comparison."""
+with transformers' own full-precision cache, with a 2-bit ``KVLinCCache`` carrying the adapters that
+``lrkern kvlinc calibrate`` fitted (shipped in ``lrkern/kvlinc/assets/``) and with KIVI-2 at the same settings, then a
+short perplexity comparison."""
 from __future__ import annotations
 
 import time
@@ -10,14 +11,14 @@ from pathlib import Path
 import torch
 
 ADAPTERS = "smollm2-135m-kvlinc-2bit.safetensors"
-QUESTION = "Answer from the article: in which theatre was the play Herons performed, and who wrote it?"
+QUESTION = "Who wrote the play Herons, and in which theatre was it performed in 2001?"
 
 
 def shipped_adapters() -> Path:
     return Path(str(resources.files("lrkern.kvlinc") / "assets" / ADAPTERS))
 
 
-def _article(path: Path, max_lines: int = 6) -> tuple[str, str]:
+def _article(path: Path, max_lines: int = 3) -> tuple[str, str]:
     """(title, text) of the first article of the WikiText-2 test file."""
     lines = [x.strip() for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
     title = lines[0].strip("= ").strip()
@@ -64,7 +65,7 @@ def run_demo(args) -> int:
     from lrkern.data import data_file
     from lrkern.kvlinc.adapters import KVLinCAdapters
     from lrkern.kvlinc.cache import KVLinCCache
-    from lrkern.kvlinc.evaluate import EvalSettings, evaluate
+    from lrkern.kvlinc.evaluate import EvalSettings, evaluate, kv_bytes_per_token
     from lrkern.kvlinc.models import load
 
     t0 = time.time()
@@ -80,25 +81,34 @@ def run_demo(args) -> int:
     print(f"prompt: the WikiText-2 article \"{title}\" ({ids.shape[1]} tokens) + \"{QUESTION}\"\n")
 
     L, Hkv, d = model.config.num_hidden_layers, model.config.num_key_value_heads, c.head_dim
-    runs = [("fp16 cache (transformers DynamicCache)", lambda: DynamicCache(config=model.config)),
-            (f"KVLinC-{c.bits} (G={c.group_size}, R={c.residual}, D={c.feature_dim} correction)",
+    runs = [("fp16 cache (transformers DynamicCache)", "fp16", lambda: DynamicCache(config=model.config)),
+            (f"KVLinC-{c.bits} (G={c.group_size}, R={c.residual}, D={c.feature_dim} correction)", "kvlinc",
              lambda: KVLinCCache(model.config, "kvlinc", bits=c.bits, group_size=c.group_size, residual=c.residual,
-                                 adapters=adapters))]
+                                 adapters=adapters)),
+            (f"KIVI-{c.bits} (same G and R, for reference)", "kivi",
+             lambda: KVLinCCache(model.config, "kivi", bits=c.bits, group_size=c.group_size, residual=c.residual))]
+    settings = EvalSettings(ctx=1024, prefix=512, chunk=16, batch=args.ppl_windows, max_windows=args.ppl_windows,
+                            group_size=c.group_size, residual=c.residual)
     fp_bytes = None
-    for label, make in runs:
+    for label, method, make in runs:
         cache = make()
         text, tps = _reply(model, tok, ids, cache, args.max_new_tokens)
         tokens = cache.get_seq_length()
         if isinstance(cache, KVLinCCache):
             nbytes = cache.nbytes
-            size = f"{nbytes / 2**10:.0f} KiB allocated ({fp_bytes / nbytes:.1f}x smaller)"
+            fixed = sum(t.numel() * t.element_size() for layer in cache.layers
+                        for t in (layer.kv.k_win, layer.kv.v_win, layer.kv.corr_s, layer.kv.corr_z) if t is not None)
+            at_8k = kv_bytes_per_token(model.config, "fp16", 16, settings) / kv_bytes_per_token(
+                model.config, method, c.bits, settings, c.feature_dim)
+            size = (f"{nbytes / 2**10:.0f} KiB allocated ({fp_bytes / nbytes:.1f}x smaller), of which "
+                    f"{fixed / 2**10:.0f} KiB is the fixed {c.residual}-token window"
+                    f"{' and correction state' if method == 'kvlinc' else ''}; at 8k tokens it is {at_8k:.2f}x "
+                    "smaller than fp16")
         else:
             fp_bytes = 2 * 2 * L * Hkv * d * tokens  # K and V at 2 bytes per element
             size = f"{fp_bytes / 2**10:.0f} KiB at fp16"
         print(f"[{label}]\n{text}\n  -> KV cache for {tokens} tokens: {size}; decode {tps:.1f} tokens/s\n")
 
-    settings = EvalSettings(ctx=1024, prefix=512, chunk=16, batch=args.ppl_windows, max_windows=args.ppl_windows,
-                            group_size=c.group_size, residual=c.residual)
     print(f"perplexity, WikiText-2 test ({args.ppl_windows} windows of 1024 tokens, the last 512 scored after a "
           "512-token prefill):")
     evaluate(model, tok, test, ["fp16", "kivi", "kvlinc"], [c.bits], settings,
