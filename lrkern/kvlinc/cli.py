@@ -109,7 +109,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--residual", type=int, default=0, help="residual window R (default: the group size)")
     p.add_argument("--feature-dim", type=int, default=64)
     p.add_argument("--activation", default="exp", choices=("exp", "softplus"))
-    p.add_argument("--sequences", type=int, default=8, help="calibration sequences")
+    p.add_argument("--sequences", type=int, default=16, help="calibration sequences")
     p.add_argument("--heldout", type=int, default=2, help="extra sequences to check the fit on")
     p.add_argument("--seq-len", type=int, default=1024)
     from lrkern.kvlinc.fit import FitDefaults

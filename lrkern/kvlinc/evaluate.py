@@ -165,16 +165,20 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_results(rows: list[dict], json_path: str | Path, md_path: Optional[str | Path] = None) -> None:
-    """Replace the rows of the same (model, method, bits, group_size, residual, ctx) in the JSON list, keep the rest."""
+    """Replace the rows of the same (model, method, bits, group_size, residual, ctx) in the JSON list, keep the rest;
+    the Markdown table shows every recorded row of this run's model and settings, so a partial re-run (one method)
+    still writes the whole table."""
     path = Path(json_path)
     old = json.loads(path.read_text()) if path.is_file() else []
     key = lambda r: (r["model"], r["method"], r["bits"], r["group_size"], r["residual"], r["ctx"])  # noqa: E731
     new_keys = {key(r) for r in rows}
-    merged = [r for r in old if key(r) not in new_keys] + rows
+    order = lambda r: (r["model"], METHODS.index(r["method"]), r["bits"])  # noqa: E731
+    merged = sorted([r for r in old if key(r) not in new_keys] + rows, key=order)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(merged, indent=1) + "\n")
     if md_path:
-        Path(md_path).write_text(markdown_table(rows) + "\n")
+        same = lambda r: key(r)[0] == key(rows[0])[0] and key(r)[3:] == key(rows[0])[3:]  # noqa: E731
+        Path(md_path).write_text(markdown_table([r for r in merged if same(r)]) + "\n")
 
 
 __all__ = ["EvalSettings", "METHODS", "evaluate", "perplexity", "kv_bytes_per_token", "markdown_table",
