@@ -89,7 +89,6 @@ def run_demo(args) -> int:
              lambda: KVLinCCache(model.config, "kivi", bits=c.bits, group_size=c.group_size, residual=c.residual))]
     settings = EvalSettings(ctx=1024, prefix=512, chunk=16, batch=args.ppl_windows, max_windows=args.ppl_windows,
                             group_size=c.group_size, residual=c.residual)
-    fp_bytes = None
     for label, method, make in runs:
         cache = make()
         text, tps = _reply(model, tok, ids, cache, args.max_new_tokens)
@@ -100,13 +99,13 @@ def run_demo(args) -> int:
                         for t in (layer.kv.k_win, layer.kv.v_win, layer.kv.corr_s, layer.kv.corr_z) if t is not None)
             at_8k = kv_bytes_per_token(model.config, "fp16", 16, settings) / kv_bytes_per_token(
                 model.config, method, c.bits, settings, c.feature_dim)
-            size = (f"{nbytes / 2**10:.0f} KiB allocated ({fp_bytes / nbytes:.1f}x smaller), of which "
+            fp_same = 2 * 2 * L * Hkv * d * tokens  # fp16 K and V for as many tokens as this cache holds
+            size = (f"{nbytes / 2**10:.0f} KiB allocated ({fp_same / nbytes:.1f}x smaller than fp16), of which "
                     f"{fixed / 2**10:.0f} KiB is the fixed {c.residual}-token window"
                     f"{' and correction state' if method == 'kvlinc' else ''}; at 8k tokens it is {at_8k:.2f}x "
                     "smaller than fp16")
         else:
-            fp_bytes = 2 * 2 * L * Hkv * d * tokens  # K and V at 2 bytes per element
-            size = f"{fp_bytes / 2**10:.0f} KiB at fp16"
+            size = f"{2 * 2 * L * Hkv * d * tokens / 2**10:.0f} KiB at fp16"  # K and V, 2 bytes per element
         print(f"[{label}]\n{text}\n  -> KV cache for {tokens} tokens: {size}; decode {tps:.1f} tokens/s\n")
 
     print(f"perplexity, WikiText-2 test ({args.ppl_windows} windows of 1024 tokens, the last 512 scored after a "
