@@ -8,7 +8,7 @@ TEST_ENV := TRITON_INTERPRET=1 LRKERN_POISON_EMPTY=1 LRKERN_REQUIRE_CPP=1 LRKERN
 setup:
 	@scripts/setup_env.sh
 
-# KVLinC on the packaged SmolLM2-135M: fp16 cache vs 2-bit KVLinC replies, KV bytes, tokens/s, perplexity (~3 min).
+# KVLinC on the packaged SmolLM2-135M: fp16 cache vs 2-bit KVLinC replies, KV bytes, tokens/s, perplexity (~40 s).
 demo: setup
 	.venv/bin/lrkern kvlinc demo
 
