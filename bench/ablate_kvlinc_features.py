@@ -31,17 +31,16 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-import torch.nn.functional as F
 
 import lrkern
 from bench.common import RESULTS, metadata
+from lrkern.kvlinc.calibrate import calibration_sequences, capture_qkv
 from lrkern.kvlinc.fit import (FitDefaults, LayerEmulation, correction_loss, emulate_layer, fit_emulation,
                                init_feature_maps, uncorrected_loss)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 RESULTS_FILE = RESULTS / "kvlinc_feature_ablation.json"
-CAPTURE = "lrkern_ablation_capture"
 COLUMNS = ("kivi", "no_corr", "softplus", "exp", "softplus_default_init")
 HEADERS = {"kivi": "KIVI", "no_corr": "no corr", "softplus": "softplus", "exp": "exp",
            "softplus_default_init": "softplus/def"}
@@ -73,37 +72,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------------ capture
 
 
-def token_windows(tokenizer, path: str, n: int, T: int) -> torch.Tensor:
-    """[n, T] token ids: the first n non-overlapping windows of the file's text (non-blank lines joined by blank
-    lines, the usual WikiText layout)."""
-    text = Path(path).read_text(encoding="utf-8")
-    text = "\n\n".join(line for line in text.splitlines() if line.strip())
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    if ids.numel() < n * T:
-        raise ValueError(f"{path} holds {ids.numel()} tokens; --num-seqs {n} x --seq-len {T} needs {n * T}")
-    return ids[:n * T].reshape(n, T)
-
-
-def capture_qkv(model, ids: torch.Tensor, layers: list[int]) -> dict[int, tuple[torch.Tensor, ...]]:
-    """{layer: (q [N, Hq, T, d], k, v [N, Hkv, T, d])} post-RoPE, from one forward pass of the decoder."""
-    from transformers import AttentionInterface
-
-    store: dict[int, tuple[torch.Tensor, ...]] = {}
-
-    def capture(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        if module.layer_idx in layers:
-            store[module.layer_idx] = (query.detach().clone(), key.detach().clone(), value.detach().clone())
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-        return out.transpose(1, 2), None
-
-    AttentionInterface.register(CAPTURE, capture)
-    model.set_attn_implementation(CAPTURE)
-    with torch.no_grad():
-        model.base_model(input_ids=ids)  # the decoder only: no [N, T, vocab] logits
-    missing = [l for l in layers if l not in store]
-    if missing:
-        raise ValueError(f"layers {missing} were not seen (the model has {model.config.num_hidden_layers} layers)")
-    return store
+def capture_layers(model, tokenizer, path: str, n: int, T: int, layers: list[int]) -> dict:
+    """{layer: (q, k, v)} post-RoPE for the first n windows of T tokens of the file (lrkern's own calibration
+    capture), keeping only ``layers``."""
+    bad = [l for l in layers if not 0 <= l < model.config.num_hidden_layers]
+    if bad:
+        raise ValueError(f"--layers {bad} out of range (the model has {model.config.num_hidden_layers} layers)")
+    captured = capture_qkv(model, calibration_sequences(tokenizer, path, n, T))
+    return {l: captured[l] for l in layers}
 
 
 # ------------------------------------------------------------------------------------------------------ scoring
@@ -163,8 +139,8 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     t0 = time.perf_counter()
-    calib = capture_qkv(model, token_windows(tokenizer, args.data, args.num_seqs, args.seq_len), layers)
-    heldout = capture_qkv(model, token_windows(tokenizer, args.eval_data, args.num_seqs, args.seq_len), layers)
+    calib = capture_layers(model, tokenizer, args.data, args.num_seqs, args.seq_len, layers)
+    heldout = capture_layers(model, tokenizer, args.eval_data, args.num_seqs, args.seq_len, layers)
     print(f"captured {len(layers)} layers x 2 x {args.num_seqs} x {args.seq_len} tokens in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     hq = model.config.num_attention_heads

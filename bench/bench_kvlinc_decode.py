@@ -23,6 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+from transformers import DynamicCache
 
 from bench.common import RESULTS, metadata
 from lrkern.kvlinc import KVLinCAdapters, KVLinCCache
@@ -94,7 +95,6 @@ def main(argv=None) -> int:
         for ctx in (int(x) for x in args.ctx.split(",")):
             base = None
             for name in ("fp16", f"kvlinc-{args.bits}"):
-                from transformers import DynamicCache
                 cache = (DynamicCache(config=cfg) if name == "fp16" else
                          KVLinCCache(cfg, "kvlinc", bits=args.bits, adapters=adapters))
                 fill(cache, model, B, ctx, dtype, device, gen)

@@ -21,7 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lrkern.kvlinc.adapters import KVLinCAdapters, model_fingerprint
 from lrkern.kvlinc.cache import model_geometry
-from lrkern.kvlinc.evaluate import read_text
+from lrkern.kvlinc.evaluate import read_text, text_windows
 from lrkern.kvlinc.fit import (FitDefaults, correction_loss, emulate_layer, fit_emulation, init_feature_maps,
                               uncorrected_loss)
 from lrkern.quantized_kv import KVConfig
@@ -67,10 +67,7 @@ def capture_qkv(model, sequences: torch.Tensor, batch: int = 2) -> dict[int, tup
 
 def calibration_sequences(tokenizer, data: str | Path, n: int, seq_len: int) -> torch.Tensor:
     """[n, seq_len] consecutive non-overlapping token windows from the start of the text file."""
-    ids = tokenizer(read_text(data), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    if ids.numel() < n * seq_len:
-        raise ValueError(f"{data} has {ids.numel()} tokens; {n} sequences of {seq_len} need {n * seq_len}")
-    return ids[: n * seq_len].view(n, seq_len)
+    return text_windows(tokenizer, read_text(data), seq_len, count=n)
 
 
 def _out_proj(model, layer: int) -> torch.Tensor:

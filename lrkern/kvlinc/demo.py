@@ -80,7 +80,6 @@ def run_demo(args) -> int:
     print(f"lrkern KVLinC demo: {args.model} on {args.device} ({torch.get_num_threads()} threads)")
     print(f"prompt: the WikiText-2 article \"{title}\" ({ids.shape[1]} tokens) + \"{QUESTION}\"\n")
 
-    L, Hkv, d = model.config.num_hidden_layers, model.config.num_key_value_heads, c.head_dim
     runs = [("fp16 cache (transformers DynamicCache)", "fp16", lambda: DynamicCache(config=model.config)),
             (f"KVLinC-{c.bits} (G={c.group_size}, R={c.residual}, D={c.feature_dim} correction)", "kvlinc",
              lambda: KVLinCCache(model.config, "kvlinc", bits=c.bits, group_size=c.group_size, residual=c.residual,
@@ -89,6 +88,7 @@ def run_demo(args) -> int:
              lambda: KVLinCCache(model.config, "kivi", bits=c.bits, group_size=c.group_size, residual=c.residual))]
     settings = EvalSettings(ctx=1024, prefix=512, chunk=16, batch=args.ppl_windows, max_windows=args.ppl_windows,
                             group_size=c.group_size, residual=c.residual)
+    fp16_per_token = kv_bytes_per_token(model.config, "fp16", 16, settings)
     for label, method, make in runs:
         cache = make()
         text, tps = _reply(model, tok, ids, cache, args.max_new_tokens)
@@ -97,15 +97,15 @@ def run_demo(args) -> int:
             nbytes = cache.nbytes
             fixed = sum(t.numel() * t.element_size() for layer in cache.layers
                         for t in (layer.kv.k_win, layer.kv.v_win, layer.kv.corr_s, layer.kv.corr_z) if t is not None)
-            at_8k = kv_bytes_per_token(model.config, "fp16", 16, settings) / kv_bytes_per_token(
+            at_8k = fp16_per_token / kv_bytes_per_token(
                 model.config, method, c.bits, settings, c.feature_dim)
-            fp_same = 2 * 2 * L * Hkv * d * tokens  # fp16 K and V for as many tokens as this cache holds
+            fp_same = fp16_per_token * tokens  # fp16 K and V for as many tokens as this cache holds
             size = (f"{nbytes / 2**10:.0f} KiB allocated ({fp_same / nbytes:.1f}x smaller than fp16), of which "
                     f"{fixed / 2**10:.0f} KiB is the fixed {c.residual}-token window"
                     f"{' and correction state' if method == 'kvlinc' else ''}; at 8k tokens it is {at_8k:.2f}x "
                     "smaller than fp16")
         else:
-            size = f"{2 * 2 * L * Hkv * d * tokens / 2**10:.0f} KiB at fp16"  # K and V, 2 bytes per element
+            size = f"{fp16_per_token * tokens / 2**10:.0f} KiB at fp16"
         print(f"[{label}]\n{text}\n  -> KV cache for {tokens} tokens: {size}; decode {tps:.1f} tokens/s\n")
 
     print(f"perplexity, WikiText-2 test ({args.ppl_windows} windows of 1024 tokens, the last 512 scored after a "

@@ -51,15 +51,22 @@ def read_text(path: str | Path) -> str:
     return "\n\n".join(line for line in lines if line.strip())
 
 
-def token_windows(tokenizer, text: str, settings: EvalSettings) -> torch.Tensor:
-    """[n_windows, ctx] int64: non-overlapping windows from the start of the text."""
+def text_windows(tokenizer, text: str, length: int, count: int = 0) -> torch.Tensor:
+    """[n, length] int64: consecutive non-overlapping token windows from the start of ``text``; ``count`` > 0 asks for
+    exactly that many (an error when the text is too short), 0 for as many as fit (at least one)."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    n = ids.numel() // settings.ctx
-    if settings.max_windows:
-        n = min(n, settings.max_windows)
-    if n == 0:
-        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of ctx={settings.ctx}")
-    return ids[: n * settings.ctx].view(n, settings.ctx)
+    fit = ids.numel() // length
+    n = count or fit
+    if n > fit or n == 0:
+        raise ValueError(f"the text has {ids.numel()} tokens: {max(n, 1)} window(s) of {length} need "
+                         f"{max(n, 1) * length}")
+    return ids[: n * length].view(n, length)
+
+
+def token_windows(tokenizer, text: str, settings: EvalSettings) -> torch.Tensor:
+    """[n_windows, ctx] int64: the evaluation windows (at most ``settings.max_windows``, 0: all)."""
+    windows = text_windows(tokenizer, text, settings.ctx)
+    return windows[: settings.max_windows] if settings.max_windows else windows
 
 
 def kv_bytes_per_token(model_config, method: str, bits: int, settings: EvalSettings, feature_dim: int = 0,
