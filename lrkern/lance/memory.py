@@ -19,13 +19,16 @@ from torch import nn
 class SavedBytesMeter:
     """Context manager: ``with SavedBytesMeter(model, ["conv2", "conv3"]) as m: loss.backward()`` ... ``m.bytes``.
 
+    ``exclude``: further tensors that are not activations (e.g. factors held outside the model).
     Attributes after the block:
         bytes: {layer name: bytes saved inside that layer's forward, "other": everything else}.
         total: bytes of all distinct saved storages (the whole model's activation memory for backward).
     """
 
-    def __init__(self, model: nn.Module, layers: Optional[Iterable[str]] = None):
+    def __init__(self, model: nn.Module, layers: Optional[Iterable[str]] = None,
+                 exclude: Iterable[Optional[torch.Tensor]] = ()):
         self.model = model
+        self.exclude = [t for t in exclude if t is not None]
         self.layers = list(layers) if layers is not None else []
         self.bytes: dict[str, int] = defaultdict(int)
         self.total = 0
@@ -34,7 +37,8 @@ class SavedBytesMeter:
         self._stack = contextlib.ExitStack()
 
     def _skip(self) -> set[int]:
-        return {t.untyped_storage().data_ptr() for t in list(self.model.parameters()) + list(self.model.buffers())}
+        consts = list(self.model.parameters()) + list(self.model.buffers()) + self.exclude
+        return {t.untyped_storage().data_ptr() for t in consts}
 
     def _pack(self, t: torch.Tensor):
         if t.device.type == "meta":

@@ -7,7 +7,7 @@ unfolding X_(k) is [n_k, prod_{j != k} n_j]; the mode-k product ``X x_k A^T`` wi
 - ``lance_project``: the HOSVD core ``G = X x_0 U_0^T x_1 U_1^T ...`` over the modes whose factor is given.
 - ``lance_linear_wgrad`` / ``lance_conv2d_wgrad``: the weight gradient of a Linear / Conv2d layer whose input is
   replaced by its low-rank reconstruction ``X~ = G x_0 U_0 x_1 U_1 ...``. The reference reconstructs X~ and
-  differentiates the layer with autograd; the fast implementations never build X~.
+  applies the layer's plain weight gradient; the fast implementations never build X~.
 
 Everything is computed in fp32 (fp64 would hide nothing the tests look for and is slow on GPU).
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 Factors = Sequence[Optional[torch.Tensor]]
 
@@ -61,9 +60,7 @@ def lance_linear_wgrad(core: torch.Tensor, factors: Factors, grad_out: torch.Ten
 
 def lance_conv2d_wgrad(core: torch.Tensor, factors: Factors, grad_out: torch.Tensor, weight_shape: Sequence[int],
                        stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    # ATen's own convolution weight-gradient on the full-size X~ (autograd is off inside an op's implementation).
     x = reconstruct(core, factors)
-    w = torch.zeros(tuple(weight_shape), dtype=torch.float32, device=core.device, requires_grad=True)
-    with torch.enable_grad():
-        y = F.conv2d(x, w, None, tuple(stride), tuple(padding), tuple(dilation))
-        (dw,) = torch.autograd.grad(y, w, grad_out.to(torch.float32))
-    return dw
+    return torch.nn.grad.conv2d_weight(x, tuple(weight_shape), grad_out.to(torch.float32), tuple(stride),
+                                       tuple(padding), tuple(dilation))
