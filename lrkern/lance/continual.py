@@ -100,6 +100,7 @@ class ContinualLance:
         self.task = 0
         self.subspaces: Optional[Subspaces] = None
         self.history: list[dict] = []
+        self._frozen: list[nn.Parameter] = []
 
     def before_task(self, loader: Iterable) -> Optional[Subspaces]:
         """Task 0: nothing (plain training). Later tasks: residual subspaces, then compress the layers."""
@@ -109,6 +110,14 @@ class ContinualLance:
         layers = {}
         for name in self.names:
             module = self.model.get_submodule(name)
+            if module.bias is not None:
+                module.bias.requires_grad_(False)
+            basis = self.bases[name]
+            if basis is not None and basis.shape[1] == basis.shape[0]:
+                # Earlier tasks span the whole input space: no update can avoid them, so the layer sits this task out.
+                module.weight.requires_grad_(False)
+                self._frozen.append(module.weight)
+                continue
             shape = grams.shapes[name]
             nd = len(shape)
             factors: list[Optional[torch.Tensor]] = [None] * nd
@@ -122,8 +131,6 @@ class ContinualLance:
                     factors[k] = vec[:, :r].to(torch.float32).contiguous() if r < shape[k] else None
             unfold = "im2col" if isinstance(module, nn.Conv2d) else "tensor"
             layers[name] = LayerSubspace(layer_kind(module), unfold, shape, list(module.weight.shape), factors, eig)
-            if module.bias is not None:
-                module.bias.requires_grad_(False)
         self.subspaces = Subspaces(layers, self.eps, "no_batch", grams.batches, self.max_rank)
         compress(self.model, self.subspaces)
         return self.subspaces
@@ -131,6 +138,9 @@ class ContinualLance:
     def after_task(self, loader: Iterable) -> dict[str, int]:
         """Restore plain layers and add this task's dominant input directions to the protected bases."""
         decompress(self.model)
+        for w in self._frozen:
+            w.requires_grad_(True)
+        self._frozen.clear()
         grams = feature_grams(self.model, loader, self.names, self.protect_batches, self.device)
         eps_cl = min(1.0, self.eps_cl + self.eps_cl_step * self.task)
         for name in self.names:

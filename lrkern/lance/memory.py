@@ -2,9 +2,10 @@
 
 ``SavedBytesMeter`` installs ``torch.autograd.graph.saved_tensors_hooks`` and attributes every saved tensor to the
 layer whose forward is running (forward pre/post hooks), or to ``"other"`` outside the watched layers. Parameters
-and buffers (weights, factors) are not activations and are skipped. A tensor is counted once per storage (a view
-saved twice, or x saved by two ops, keeps one allocation alive), at the size of its whole storage (what is really
-kept alive).
+and buffers (weights, factors) are not activations and are skipped. A storage counts once per layer, at its whole
+size (what is really kept alive). A storage saved both by a layer and by another op (a ReLU keeps its output, which
+is the next layer's input) counts for each of them but once in ``total``: compressing the layer alone does not free
+it, which ``total`` shows.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ class SavedBytesMeter:
         self.bytes: dict[str, int] = defaultdict(int)
         self.total = 0
         self._current: list[str] = []
-        self._seen: dict[int, str] = {}
+        self._seen: set[tuple[str, int]] = set()
+        self._seen_total: set[int] = set()
         self._stack = contextlib.ExitStack()
 
     def _skip(self) -> set[int]:
@@ -45,10 +47,14 @@ class SavedBytesMeter:
             return t
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr not in self._params and ptr not in self._seen:
-            owner = self._current[-1] if self._current else "other"
-            self._seen[ptr] = owner
+        if ptr in self._params:
+            return t
+        owner = self._current[-1] if self._current else "other"
+        if (owner, ptr) not in self._seen:
+            self._seen.add((owner, ptr))
             self.bytes[owner] += storage.nbytes()
+        if ptr not in self._seen_total:
+            self._seen_total.add(ptr)
             self.total += storage.nbytes()
         return t
 
