@@ -83,17 +83,20 @@ class ContinualLance:
     Args:
         model: the network (its protected layers: Linear, or Conv2d with groups=1).
         layers: names (or an int: the last n compressible layers) of the protected, compressed layers.
-        eps: energy of the residual feature subspace U_F and of the other non-batch modes (reference: 0.98).
+        eps: energy of the residual feature subspace U_F (reference: 0.98).
+        eps_modes: energy of the other non-batch modes (the output positions L of a conv's patch matrix); they set
+            the memory of the cores but not the orthogonality, which U_F alone guarantees. None: no projection.
         eps_cl: energy kept in the protected basis after each task (reference: 0.97), raised by eps_cl_step per task.
         calib_batches / protect_batches: batches for the per-task subspaces / for the basis (reference: ~11).
     Use ``before_task(loader)``, your training loop, then ``after_task(loader)`` for each task, or ``run``.
     """
 
     def __init__(self, model: nn.Module, layers, eps: float = 0.98, eps_cl: float = 0.97,
-                 eps_cl_step: float = 0.0003, calib_batches: int = 20, protect_batches: int = 11,
-                 max_rank: Optional[int] = None, device=None):
+                 eps_cl_step: float = 0.0003, eps_modes: Optional[float] = 0.9, calib_batches: int = 20,
+                 protect_batches: int = 11, max_rank: Optional[int] = None, device=None):
         self.model, self.names = model, select_layers(model, layers)
         self.eps, self.eps_cl, self.eps_cl_step = check_eps(eps), check_eps(eps_cl, "eps_cl"), eps_cl_step
+        self.eps_modes = None if eps_modes is None else check_eps(eps_modes, "eps_modes")
         self.calib_batches, self.protect_batches, self.max_rank, self.device = (calib_batches, protect_batches,
                                                                                  max_rank, device)
         self.bases: dict[str, Optional[torch.Tensor]] = {n: None for n in self.names}
@@ -106,7 +109,8 @@ class ContinualLance:
         """Task 0: nothing (plain training). Later tasks: residual subspaces, then compress the layers."""
         if self.task == 0:
             return None
-        grams = feature_grams(self.model, loader, self.names, self.calib_batches, self.device, extra_modes=True)
+        grams = feature_grams(self.model, loader, self.names, self.calib_batches, self.device,
+                              extra_modes=self.eps_modes is not None)
         layers = {}
         for name in self.names:
             module = self.model.get_submodule(name)
@@ -127,7 +131,7 @@ class ContinualLance:
                     factors[k] = residual_factor(gram, self.bases[name], self.eps, self.max_rank)
                 else:
                     lam, vec = eig_desc(gram)
-                    r = energy_rank(lam, self.eps, self.max_rank)
+                    r = energy_rank(lam, self.eps_modes, self.max_rank)
                     factors[k] = vec[:, :r].to(torch.float32).contiguous() if r < shape[k] else None
             unfold = "im2col" if isinstance(module, nn.Conv2d) else "tensor"
             layers[name] = LayerSubspace(layer_kind(module), unfold, shape, list(module.weight.shape), factors, eig)
