@@ -8,4 +8,5 @@ from lrkern.feature_map import FeatureMap  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = ["hadamard", "quant_pack", "dequant", "kv_attention", "QuantizedKV", "KVConfig", "decode_attention",
-           "prefill_attention", "FeatureMap", "mode_gram_accumulate", "lance_project", "use_backend", "select_backend", "available_backends"]
+           "prefill_attention", "FeatureMap", "mode_gram_accumulate", "lance_project", "use_backend", "select_backend",
+           "available_backends"]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import lrkern
 from lrkern.reference import lowrank as R
 from lrkern.lance import SavedBytesMeter
-from tests.helpers import DTYPE_IDS, DTYPES, TOLERANCE, assert_close, err_ratio
+from tests.helpers import DTYPE_IDS, DTYPES, TOLERANCE, err_ratio
 
 # Full-rank and reconstruct comparisons: fp32 sums in another order, over at most a few hundred terms.
 GRAD_TOL = 1e-5

@@ -13,4 +13,5 @@ from lrkern.ops.lowrank import lance_conv2d_wgrad, lance_linear_wgrad, lance_pro
 from lrkern.ops.quant import dequant, quant_pack
 
 __all__ = ["hadamard", "kv_attention", "quant_pack", "dequant", "mode_gram_accumulate", "lance_project",
-           "lance_linear_wgrad", "lance_conv2d_wgrad", "lance_linear", "lance_conv2d", "use_backend", "select_backend", "available_backends"]
+           "lance_linear_wgrad", "lance_conv2d_wgrad", "lance_linear", "lance_conv2d", "use_backend", "select_backend",
+           "available_backends"]

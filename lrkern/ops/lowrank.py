@@ -16,7 +16,6 @@ import math
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from lrkern.ops import _checks
 from lrkern.ops._dispatch import Dispatcher
