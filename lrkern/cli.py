@@ -1,4 +1,4 @@
-"""``lrkern`` command line: one subcommand per method (``lrkern kvlinc calibrate|eval|demo``)."""
+"""``lrkern`` command line: one subcommand per method (``lrkern kvlinc calibrate|eval|demo``, ``lrkern lance demo|calibrate``)."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     methods = parser.add_subparsers(dest="method", required=True, metavar="METHOD")
     from lrkern.kvlinc.cli import add_commands as kvlinc_commands
     kvlinc_commands(methods.add_parser("kvlinc", help="2-bit KV cache with linear correction (KVLinC)"))
+    from lrkern.lance.cli import add_commands as lance_commands
+    lance_commands(methods.add_parser("lance", help="low-rank activation compression for fine-tuning (LANCE)"))
     args = parser.parse_args(argv)
     args.cli_argv = list(argv) if argv is not None else sys.argv[1:]  # recorded in artefacts (how they were made)
     return args.run(args) or 0
