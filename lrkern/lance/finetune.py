@@ -110,7 +110,8 @@ def finetune(name: str, base: nn.Module, n_layers: int, method: str, eps: Option
     wrapped, trained = layer_plan(name, model, n_layers)
     params = set_trainable(model, trained)
     loader = batches(x_tr, y_tr, settings.batch, shuffle=True, seed=settings.seed, drop_last=True)
-    probe = (x_tr[:settings.batch].to(device), y_tr[:settings.batch].to(device))
+    # A copy, not a view: the meter counts whole storages, and a view would carry the entire training set.
+    probe = (x_tr[:settings.batch].clone().to(device), y_tr[:settings.batch].clone().to(device))
     exact = layer_grads(model, probe, wrapped)
     bp_meter = saved_bytes(model, probe, wrapped)
     bp_trained = saved_bytes(model, probe, weight_layers(model, trained))
