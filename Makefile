@@ -3,7 +3,7 @@ PY := .venv/bin/python
 # Tests: Triton kernels through the interpreter on CPU; a missing C++ extension or Triton fails the run.
 TEST_ENV := TRITON_INTERPRET=1 LRKERN_POISON_EMPTY=1 LRKERN_REQUIRE_CPP=1 LRKERN_EXPECT_BACKENDS=cpp,triton,reference
 
-.PHONY: setup demo bench-quick test bench plot gpu clean
+.PHONY: setup demo lance-demo lance bench-quick test bench plot gpu clean
 
 setup:
 	@scripts/setup_env.sh
@@ -11,6 +11,16 @@ setup:
 # KVLinC on the packaged SmolLM2-135M: fp16 cache vs 2-bit KVLinC replies, KV bytes, tokens/s, perplexity (~40 s).
 demo: setup
 	.venv/bin/lrkern kvlinc demo
+
+# LANCE on MNIST: BP vs LANCE fine-tuning of a small CNN's conv2/conv3, bytes/accuracy/step time (~1 min after a
+# one-time ~1-2 min Fashion-MNIST pretraining that is cached).
+lance-demo: setup
+	.venv/bin/lrkern lance demo
+
+# The LANCE experiments of bench/results/lance.{json,md}: fine-tuning (~25 min) and continual learning (~8 min), CPU.
+lance: setup
+	$(PY) bench/lance_finetune.py
+	$(PY) bench/lance_continual.py
 
 # The op microbenchmarks on CPU without recording (Hadamard, quant, 2-bit KV decode attention vs SDPA), ~30 s.
 bench-quick: setup

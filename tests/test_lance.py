@@ -297,3 +297,23 @@ def test_continual_learning_runs_every_task_in_order():
     ranks = [h["basis_ranks"]["tok"] for h in cl.history]
     assert ranks == sorted(ranks)
     assert cl.basis_bytes() == 4 * model.tok.weight.shape[1] * ranks[-1]
+
+
+# ------------------------------------------------------------------------------------------ the experiment run
+def test_finetune_run_on_mnist_measures_what_it_reports():
+    """The experiments' run on real data (a few steps): BP keeps the conv inputs, LANCE only the cores."""
+    from lrkern.lance.finetune import FinetuneSettings, finetune
+    from lrkern.lance.models import SmallCNN
+    from lrkern.vision_data import mnist_test, split
+
+    images, labels = mnist_test()
+    (x, y), (xe, ye) = split(images, labels, 512, seed=0)
+    base = SmallCNN()
+    settings = FinetuneSettings(epochs=1, calib_batches=4)
+    bp = finetune("cnn", base, 2, "bp", None, None, (x, y), (xe[:500], ye[:500]), settings)
+    lc = finetune("cnn", base, 2, "lance", 0.7, "no_batch", (x, y), (xe[:500], ye[:500]), settings)
+    assert bp["activation_bytes"] == 4 * 128 * (32 * 14 * 14 + 64 * 7 * 7)  # conv2 and conv3 inputs, fp32
+    cores = sum(4 * 128 * torch.tensor(r[1:]).prod().item() for r in lc["ranks"].values())
+    assert lc["activation_bytes"] == cores and bp["activation_bytes"] / cores >= 50
+    assert all(c == pytest.approx(1.0) for c in bp["cos"].values()) and all(c < 1 for c in lc["cos"].values())
+    assert 0 <= lc["accuracy"] <= 100 and lc["step_ms"] > 0
