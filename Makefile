@@ -22,7 +22,8 @@ lance: setup
 	$(PY) bench/lance_finetune.py
 	$(PY) bench/lance_continual.py
 
-# The op microbenchmarks on CPU without recording (Hadamard, quant, 2-bit KV decode attention vs SDPA), ~30 s.
+# The op microbenchmarks on CPU without recording (Hadamard, quant, LANCE projection and layer steps, 2-bit KV decode
+# attention vs SDPA), ~40 s.
 bench-quick: setup
 	$(PY) bench/run_all.py --device cpu --quick --no-record
 

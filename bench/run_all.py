@@ -1,6 +1,6 @@
 """Runs the op benchmarks, prints their tables and the speed targets, and records the rows to bench/results/.
 
-    python bench/run_all.py [--device cpu|cuda|auto] [--quick] [--no-record] [--only hadamard|quant|decode]
+    python bench/run_all.py [--device cpu|cuda|auto] [--quick] [--no-record] [--only hadamard|quant|lance|decode]
 
 Exit status 1 when an lrkern kernel (or the reference) failed or disagreed with the reference, or a decode baseline
 disagreed with it; missed speed targets are reported, not failed.
@@ -19,7 +19,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from bench import bench_decode, bench_hadamard, bench_quant
+from bench import bench_decode, bench_hadamard, bench_lance_ops, bench_quant
 from bench.common import (
     CPU_CACHE_MODES,
     bench_backends,
@@ -34,6 +34,7 @@ from bench.common import (
 # decode keeps its own rows, table, targets and results file (bench/results/decode_attention.jsonl): its rows are
 # (model, B, T, provider) measurements with speed-ups against SDPA, not the op rows of common.Row.
 BENCHES = {"hadamard": ("hadamard", bench_hadamard), "quant": ("quant_pack / dequant", bench_quant),
+           "lance": ("lance_project / mode_gram_accumulate / LANCE layer steps", bench_lance_ops),
            "decode": ("decode attention", bench_decode)}
 
 
@@ -96,7 +97,8 @@ for _dt, _short in (("float32", "fp32"), ("float16", "fp16")):
 
 
 def targets(rows, device: torch.device, backends_note: dict[str, str]) -> list[str]:
-    return [t.evaluate(rows, device, backends_note) for t in TARGETS]
+    return [t.evaluate(rows, device, backends_note) for t in TARGETS] + bench_lance_ops.targets(rows, device,
+                                                                                                  backends_note)
 
 
 def main(argv=None, only=None) -> int:

@@ -60,3 +60,17 @@ def test_poisoned_allocation_is_active():
     assert _alloc.poisoning()
     assert torch.isnan(_alloc.empty((4,), torch.float32, torch.device("cpu"))).all()
     assert (_alloc.empty((4,), torch.uint8, torch.device("cpu")) == 0xA5).all()
+
+
+def test_forced_backend_reaches_threads_that_do_not_inherit_the_context(monkeypatch):
+    """Autograd runs CUDA backward on its own threads; a forced backend must still apply there."""
+    import threading
+
+    monkeypatch.delenv("LRKERN_BACKEND", raising=False)
+    seen = []
+    with lrkern.use_backend("reference"):
+        t = threading.Thread(target=lambda: seen.append(_dispatch.forced_backend()))
+        t.start()
+        t.join()
+    assert seen == ["reference"]
+    assert _dispatch.forced_backend() is None  # and nothing is left behind after the block

@@ -2,7 +2,8 @@
 
 Default: CUDA tensors -> Triton, CPU tensors -> C++ when ``lrkern._C`` is built, else the reference.
 ``LRKERN_BACKEND=reference|triton|cpp`` forces one for every op, and ``lrkern.use_backend(name)`` does the same
-inside a ``with`` block (it wins over the variable). A forced backend that cannot run the given tensor raises
+inside a ``with`` block (it wins over the variable, and reaches threads that do not inherit the caller's context,
+such as autograd's device threads, while the block is active). A forced backend that cannot run the given tensor raises
 instead of falling back, so a benchmark or test never measures something other than what it asked for.
 
 Triton runs CPU tensors only under ``TRITON_INTERPRET=1``, which must be set before Triton is first imported.
@@ -21,6 +22,9 @@ from lrkern import _ext
 
 BACKENDS = ("reference", "triton", "cpp")
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("lrkern_backend", default=None)
+# The innermost active ``use_backend`` for threads that do not inherit the caller's context: autograd runs CUDA
+# backward passes on its own device threads, where the contextvar above reads its default.
+_forced_stack: list[str] = []
 
 
 def _check_name(name: str, source: str) -> str:
@@ -34,6 +38,8 @@ def forced_backend() -> str | None:
     name = _forced.get()
     if name is not None:
         return name
+    if _forced_stack:
+        return _forced_stack[-1]
     env = os.environ.get("LRKERN_BACKEND", "").strip()
     return _check_name(env, "LRKERN_BACKEND") if env else None
 
@@ -42,9 +48,11 @@ def forced_backend() -> str | None:
 def use_backend(name: str) -> Iterator[None]:
     """Force ``name`` for every lrkern op called inside the block (also in threads it spawns via contextvars)."""
     token = _forced.set(_check_name(name, "backend"))
+    _forced_stack.append(name)
     try:
         yield
     finally:
+        _forced_stack.pop()
         _forced.reset(token)
 
 
