@@ -31,6 +31,16 @@ def backend(request, device):
         yield request.param
 
 
+@pytest.fixture
+def kdevice(device):
+    """``device`` for tests that call Triton launchers directly: skipped where Triton cannot run (CPU without
+    TRITON_INTERPRET=1); test_build.py fails the run when Triton was expected."""
+    reason = why_unavailable("triton", device)
+    if reason is not None:
+        pytest.skip(reason)
+    return device
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

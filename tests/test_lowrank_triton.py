@@ -9,16 +9,7 @@ with truncating, not IEEE, fp32 sums. The Gram rounds nothing, so its reference 
 import pytest
 import torch
 
-from lrkern.ops._dispatch import why_unavailable
 from tests.helpers import DTYPE_IDS, DTYPES, TOLERANCE, assert_close, err_ratio
-
-
-@pytest.fixture
-def kdevice(device):
-    reason = why_unavailable("triton", device)
-    if reason is not None:
-        pytest.skip(reason)
-    return device
 
 
 def _project_ref(x, a, b):

@@ -3,19 +3,10 @@ and the chunked loops for groups longer than one register tile. Forced here at s
 import pytest
 import torch
 
-from lrkern.ops._dispatch import why_unavailable
 from lrkern.reference import dequant as ref_dequant
 from lrkern.reference import hadamard as ref_hadamard
 from lrkern.reference import quant_pack as ref_quant_pack
 from tests.helpers import DTYPE_IDS, DTYPES, assert_close
-
-
-@pytest.fixture
-def kdevice(device):
-    reason = why_unavailable("triton", device)
-    if reason is not None:
-        pytest.skip(reason)
-    return device
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

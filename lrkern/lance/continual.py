@@ -77,7 +77,63 @@ def residual_factor(gram: torch.Tensor, basis: Optional[torch.Tensor], eps: floa
     return u.to(torch.float32).contiguous()
 
 
-class ContinualLance:
+class ProtectedTasks:
+    """What LANCE-CL and the GPM baseline share: the protected layers, their bases P, the task counter, the basis
+    update after each task (``protect``) and the task loop (``run``). Subclasses confine the updates of later tasks
+    in ``before_task`` and undo that in ``_end_task``."""
+
+    def __init__(self, model: nn.Module, layers, eps_cl: float, eps_cl_step: float, protect_batches: int, device):
+        self.model, self.names = model, select_layers(model, layers)
+        self.eps_cl, self.eps_cl_step = check_eps(eps_cl, "eps_cl"), eps_cl_step
+        self.protect_batches, self.device = protect_batches, device
+        self.bases: dict[str, Optional[torch.Tensor]] = {n: None for n in self.names}
+        self.task = 0
+        self.history: list[dict] = []
+
+    def before_task(self, loader: Iterable):
+        raise NotImplementedError
+
+    def _end_task(self) -> dict:
+        """Undo ``before_task``; returns what to log for the task."""
+        return {}
+
+    def after_task(self, loader: Iterable) -> dict[str, int]:
+        """Undo the task's confinement and add its dominant input directions to the protected bases."""
+        logged = self._end_task()
+        grams = feature_grams(self.model, loader, self.names, self.protect_batches, self.device)
+        eps_cl = min(1.0, self.eps_cl + self.eps_cl_step * self.task)
+        for name in self.names:
+            (gram,) = grams.grams[name].values()
+            self.bases[name] = extend_basis(self.bases[name], gram, eps_cl)
+        ranks = {n: b.shape[1] for n, b in self.bases.items()}
+        self.history.append(dict(task=self.task, eps_cl=eps_cl, basis_ranks=ranks, **logged))
+        self.task += 1
+        return ranks
+
+    def _freeze_biases(self) -> None:
+        # A bias shift moves every old task's outputs; no subspace argument protects it.
+        for name in self.names:
+            bias = self.model.get_submodule(name).bias
+            if bias is not None:
+                bias.requires_grad_(False)
+
+    def basis_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.bases.values() if b is not None)
+
+    def run(self, task_loaders: Sequence[Iterable], train_task: Callable[[nn.Module, int, Iterable], None],
+            after: Optional[Callable[[nn.Module, int], None]] = None):
+        """Train on every task in order: ``train_task(model, t, loader)`` is the user's loop (SGD, no weight decay);
+        ``after(model, t)`` runs after each task is protected (e.g. evaluate all tasks so far)."""
+        for t, loader in enumerate(task_loaders):
+            self.before_task(loader)
+            train_task(self.model, t, loader)
+            self.after_task(loader)
+            if after is not None:
+                after(self.model, t)
+        return self
+
+
+class ContinualLance(ProtectedTasks):
     """Drives LANCE through a sequence of tasks.
 
     Args:
@@ -94,28 +150,23 @@ class ContinualLance:
     def __init__(self, model: nn.Module, layers, eps: float = 0.98, eps_cl: float = 0.97,
                  eps_cl_step: float = 0.0003, eps_modes: Optional[float] = 0.9, calib_batches: int = 20,
                  protect_batches: int = 11, max_rank: Optional[int] = None, device=None):
-        self.model, self.names = model, select_layers(model, layers)
-        self.eps, self.eps_cl, self.eps_cl_step = check_eps(eps), check_eps(eps_cl, "eps_cl"), eps_cl_step
+        super().__init__(model, layers, eps_cl, eps_cl_step, protect_batches, device)
+        self.eps = check_eps(eps)
         self.eps_modes = None if eps_modes is None else check_eps(eps_modes, "eps_modes")
-        self.calib_batches, self.protect_batches, self.max_rank, self.device = (calib_batches, protect_batches,
-                                                                                 max_rank, device)
-        self.bases: dict[str, Optional[torch.Tensor]] = {n: None for n in self.names}
-        self.task = 0
+        self.calib_batches, self.max_rank = calib_batches, max_rank
         self.subspaces: Optional[Subspaces] = None
-        self.history: list[dict] = []
         self._frozen: list[nn.Parameter] = []
 
     def before_task(self, loader: Iterable) -> Optional[Subspaces]:
         """Task 0: nothing (plain training). Later tasks: residual subspaces, then compress the layers."""
         if self.task == 0:
             return None
+        self._freeze_biases()
         grams = feature_grams(self.model, loader, self.names, self.calib_batches, self.device,
                               extra_modes=self.eps_modes is not None)
         layers = {}
         for name in self.names:
             module = self.model.get_submodule(name)
-            if module.bias is not None:
-                module.bias.requires_grad_(False)
             basis = self.bases[name]
             if basis is not None and basis.shape[1] == basis.shape[0]:
                 # Earlier tasks span the whole input space: no update can avoid them, so the layer sits this task out.
@@ -128,7 +179,7 @@ class ContinualLance:
             eig: list[Optional[torch.Tensor]] = [None] * nd
             for k, gram in grams.grams[name].items():
                 if k == nd - 1:
-                    factors[k] = residual_factor(gram, self.bases[name], self.eps, self.max_rank)
+                    factors[k] = residual_factor(gram, basis, self.eps, self.max_rank)
                 else:
                     lam, vec = eig_desc(gram)
                     r = energy_rank(lam, self.eps_modes, self.max_rank)
@@ -139,38 +190,14 @@ class ContinualLance:
         compress(self.model, self.subspaces)
         return self.subspaces
 
-    def after_task(self, loader: Iterable) -> dict[str, int]:
-        """Restore plain layers and add this task's dominant input directions to the protected bases."""
+    def _end_task(self) -> dict:
         decompress(self.model)
         for w in self._frozen:
             w.requires_grad_(True)
         self._frozen.clear()
-        grams = feature_grams(self.model, loader, self.names, self.protect_batches, self.device)
-        eps_cl = min(1.0, self.eps_cl + self.eps_cl_step * self.task)
-        for name in self.names:
-            (gram,) = grams.grams[name].values()
-            self.bases[name] = extend_basis(self.bases[name], gram, eps_cl)
-        ranks = {n: b.shape[1] for n, b in self.bases.items()}
-        self.history.append(dict(task=self.task, eps_cl=eps_cl, basis_ranks=ranks,
-                                 factor_ranks=self.subspaces.ranks() if self.subspaces else None))
-        self.task += 1
+        logged = dict(factor_ranks=self.subspaces.ranks() if self.subspaces else None)
         self.subspaces = None
-        return ranks
-
-    def basis_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.bases.values() if b is not None)
-
-    def run(self, task_loaders: Sequence[Iterable], train_task: Callable[[nn.Module, int, Iterable], None],
-            after: Optional[Callable[[nn.Module, int], None]] = None) -> "ContinualLance":
-        """Train on every task in order: ``train_task(model, t, loader)`` is the user's loop (SGD, no weight decay);
-        ``after(model, t)`` runs after each task is protected (e.g. evaluate all tasks so far)."""
-        for t, loader in enumerate(task_loaders):
-            self.before_task(loader)
-            train_task(self.model, t, loader)
-            self.after_task(loader)
-            if after is not None:
-                after(self.model, t)
-        return self
+        return logged
 
 
 def continual_learning(model: nn.Module, task_loaders: Sequence[Iterable],
