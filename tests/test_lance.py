@@ -317,3 +317,20 @@ def test_finetune_run_on_mnist_measures_what_it_reports():
     assert lc["activation_bytes"] == cores and bp["activation_bytes"] / cores >= 50
     assert all(c == pytest.approx(1.0) for c in bp["cos"].values()) and all(c < 1 for c in lc["cos"].values())
     assert 0 <= lc["accuracy"] <= 100 and lc["step_ms"] > 0
+
+
+def test_meter_counts_a_shared_input_once_in_distinct_bytes():
+    class Mlp(nn.Module):  # gate and up read the same tensor, as in a gated MLP
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up, self.down = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 6)
+
+        def forward(self, x):
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+
+    m, x = Mlp(), torch.randn(3, 5, 6)
+    with lance.SavedBytesMeter(m, ["gate", "up", "down"]) as meter:
+        m(x).sum()
+    assert meter.bytes["gate"] == meter.bytes["up"] == x.numel() * 4
+    assert meter.layer_bytes() == 2 * x.numel() * 4 + 3 * 5 * 8 * 4
+    assert meter.distinct_layer_bytes == x.numel() * 4 + 3 * 5 * 8 * 4

@@ -24,6 +24,8 @@ class SavedBytesMeter:
     Attributes after the block:
         bytes: {layer name: bytes saved inside that layer's forward, "other": everything else}.
         total: bytes of all distinct saved storages (the whole model's activation memory for backward).
+        distinct_layer_bytes: distinct storages saved inside the watched layers (an input shared by two layers,
+            such as an MLP's gate and up projections, counts once; ``layer_bytes()`` counts it per layer).
     """
 
     def __init__(self, model: nn.Module, layers: Optional[Iterable[str]] = None,
@@ -36,6 +38,8 @@ class SavedBytesMeter:
         self._current: list[str] = []
         self._seen: set[tuple[str, int]] = set()
         self._seen_total: set[int] = set()
+        self._seen_layers: set[int] = set()
+        self.distinct_layer_bytes = 0
         self._stack = contextlib.ExitStack()
 
     def _skip(self) -> set[int]:
@@ -53,6 +57,9 @@ class SavedBytesMeter:
         if (owner, ptr) not in self._seen:
             self._seen.add((owner, ptr))
             self.bytes[owner] += storage.nbytes()
+            if owner != "other" and ptr not in self._seen_layers:
+                self._seen_layers.add(ptr)
+                self.distinct_layer_bytes += storage.nbytes()
         if ptr not in self._seen_total:
             self._seen_total.add(ptr)
             self.total += storage.nbytes()
