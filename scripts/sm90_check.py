@@ -24,6 +24,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lrkern.kernels import hadamard as HK  # noqa: E402
+from lrkern.kernels import lowrank as LK  # noqa: E402
 from lrkern.kernels import kv_attention as K  # noqa: E402
 from lrkern.kernels import quant as QK  # noqa: E402
 
@@ -51,12 +52,15 @@ def class_id(c) -> str:
 def compile_sm90(fn, types: dict, meta: dict):
     meta = dict(meta)
     num_warps = meta.pop("num_warps")
+    options = {"num_warps": num_warps}
+    if "num_stages" in meta:
+        options["num_stages"] = meta.pop("num_stages")
     signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
     constexprs = {(fn.arg_names.index(k),): v for k, v in meta.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+                              target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def resources(compiled) -> dict:
@@ -113,6 +117,21 @@ FOUNDATION = [
     ("dequant-b2-tok", QK._dequant_kernel, dict(codes_ptr="*u8", scale_ptr=_F16, zero_ptr=_F16, out_ptr=_F16,
                                                 R="i32", N="i32", T="i32"),
      dict(GS=128, PER_TOKEN=True, BITS=2, BLOCK_R=64, BLOCK_B=32, num_warps=8)),
+] + [  # the low-rank kernels at their largest tiles (64-rank blocks), fp32 (IEEE dots) and bf16 (tensor cores)
+    (f"lance-project-{TL[dt]}", LK._two_sided_project_kernel,
+     dict(x_ptr="*" + TL[dt], a_ptr="*fp32", b_ptr="*fp32", ws_ptr="*fp32", M1="i32", M2="i32", R1="i32", R2="i32",
+          sxs="i32", sx1="i32", sx2="i32", SPLIT="i32", TILES_PER_SPLIT="i32", NB2="i32", NRB="i32"),
+     dict(BLOCK_M1=LK.BLOCK_M1, BLOCK_M2=LK.BLOCK_M2, BLOCK_R1=LK.MAX_BLOCK_R, BLOCK_R2=LK.MAX_BLOCK_R,
+          LOW=dt != torch.float32, EMULATE=False, num_warps=LK.PROJECT_NUM_WARPS, num_stages=LK.PROJECT_NUM_STAGES))
+    for dt in (torch.float32, torch.bfloat16)
+] + [
+    (f"mode-gram-{TL[dt]}", LK._mode_gram_kernel,
+     dict(x_ptr="*" + TL[dt], out_ptr="*fp32", N="i32", Q="i32", T="i32", sxp="i32", sxn="i32", sxq="i32",
+          alpha="fp32", NUM_PAIRS="i32", TILES_PER_SPLIT="i32"),
+     dict(BLOCK_N=LK.GRAM_BLOCK_N, BLOCK_T=LK.GRAM_BLOCK_T if dt != torch.float32 else LK.GRAM_BLOCK_T_FP32,
+          LOW=dt != torch.float32, EMULATE=False,
+          num_warps=LK.GRAM_NUM_WARPS, num_stages=LK.GRAM_NUM_STAGES))
+    for dt in (torch.float32, torch.bfloat16)
 ]
 
 

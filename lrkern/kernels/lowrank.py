@@ -44,6 +44,8 @@ PROJECT_NUM_STAGES = 2
 # TODO(gpu): autotune GRAM_BLOCK_N/GRAM_BLOCK_T/MIN_T_TILES, num_warps and num_stages on H100; first guesses.
 GRAM_BLOCK_N = 64
 GRAM_BLOCK_T = 32
+# fp32 (IEEE dots) at BLOCK_T = 32 and 2 stages spills 8 bytes on sm_90 (scripts/sm90_check.py); 16 does not.
+GRAM_BLOCK_T_FP32 = 16
 MIN_T_TILES = 2
 GRAM_NUM_WARPS = 8
 GRAM_NUM_STAGES = 2
@@ -249,14 +251,14 @@ def mode_gram_accumulate(x: torch.Tensor, out: torch.Tensor, dim: int, alpha: fl
         # contiguous copy is cheaper than carrying every stride of an arbitrary-rank tensor into the kernel.
         v = x.contiguous().view(p, n, q)
     t = p * q
-    block_n, block_t = _tile(n, GRAM_BLOCK_N), _tile(t, GRAM_BLOCK_T)
+    low, emulate = _mode(x.dtype)
+    block_n, block_t = _tile(n, GRAM_BLOCK_N), _tile(t, GRAM_BLOCK_T if low else GRAM_BLOCK_T_FP32)
     nt = triton.cdiv(n, block_n)
     pairs = nt * (nt + 1) // 2
     t_tiles = triton.cdiv(t, block_t)
     split = max(1, min(triton.cdiv(_MIN_PROGRAMS, pairs), t_tiles // MIN_T_TILES))
     tiles_per_split = triton.cdiv(t_tiles, split)
     split = triton.cdiv(t_tiles, tiles_per_split)  # no program without columns
-    low, emulate = _mode(x.dtype)
     _mode_gram_kernel[(pairs * split,)](v, out, n, q, t, *v.stride(), float(alpha), pairs, tiles_per_split,
                                         BLOCK_N=block_n, BLOCK_T=block_t, LOW=low, EMULATE=emulate,
                                         num_warps=GRAM_NUM_WARPS, num_stages=GRAM_NUM_STAGES)
