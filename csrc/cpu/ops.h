@@ -27,4 +27,17 @@ void kv_attention_out(const at::Tensor& q, const at::Tensor& k_codes, const at::
                       int64_t group_size, bool key_per_channel, int64_t channel_group, bool rotate_keys,
                       bool value_rotation, double scale, at::Tensor& out, at::Tensor& lse);
 
+// Multi-step LIF neuron over x [T, N] (see lrkern/reference/lif.py): s, h [T, N] in x's dtype, v_last [N] fp32,
+// v_seq [T, N] fp32 (or empty when !store_v_seq); v0 [N] fp32. fp32 results are bit-identical to the reference.
+void lif_forward_out(const at::Tensor& x, const at::Tensor& v0, at::Tensor& s, at::Tensor& h, at::Tensor& v_last,
+                     at::Tensor& v_seq, double tau, double v_threshold, double v_reset, bool soft_reset,
+                     bool decay_input, bool store_v_seq);
+
+// Its backward, one reverse sweep over T: grad_x [T, N] in h's dtype (grad_s and s share it), grad_v0 [N] fp32.
+// grad_v_seq is fp32 [T, N] or empty (absent); surrogate_kind 0 = sigmoid, 1 = atan.
+void lif_backward_out(const at::Tensor& grad_s, const at::Tensor& grad_v_last, const at::Tensor& grad_v_seq,
+                      const at::Tensor& h, const at::Tensor& s, at::Tensor& grad_x, at::Tensor& grad_v0, double tau,
+                      double v_threshold, double v_reset, bool soft_reset, bool decay_input, bool detach_reset,
+                      int64_t surrogate_kind, double alpha);
+
 }  // namespace lrkern::cpu

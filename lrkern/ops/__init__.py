@@ -9,9 +9,10 @@ from lrkern.ops._dispatch import available_backends, select_backend, use_backend
 from lrkern.ops.hadamard import hadamard
 from lrkern.ops.kv_attention import kv_attention
 from lrkern.ops.lance_layers import lance_conv2d, lance_linear
+from lrkern.ops.lif import lif_multistep, lif_multistep_backward
 from lrkern.ops.lowrank import lance_conv2d_wgrad, lance_linear_wgrad, lance_project, mode_gram_accumulate
 from lrkern.ops.quant import dequant, quant_pack
 
 __all__ = ["hadamard", "kv_attention", "quant_pack", "dequant", "mode_gram_accumulate", "lance_project",
-           "lance_linear_wgrad", "lance_conv2d_wgrad", "lance_linear", "lance_conv2d", "use_backend", "select_backend",
-           "available_backends"]
+           "lance_linear_wgrad", "lance_conv2d_wgrad", "lance_linear", "lance_conv2d", "lif_multistep",
+           "lif_multistep_backward", "use_backend", "select_backend", "available_backends"]

@@ -38,3 +38,26 @@ def kv_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v
                                 corr_s, corr_z, phi_q, bits, group_size, key_per_channel, channel_group, rotate_keys,
                                 value_rotation, scale, out, lse)
     return out, lse
+
+
+def lif_forward(x: torch.Tensor, v0: torch.Tensor, tau: float, v_threshold: float, v_reset: float, soft_reset: bool,
+                decay_input: bool, store_v_seq: bool):
+    """-> (s [T, N] x.dtype, h [T, N] x.dtype, v_last [N] fp32, v_seq [T, N] fp32 or empty)."""
+    s = _alloc.empty(x.shape, x.dtype, x.device)
+    h = _alloc.empty(x.shape, x.dtype, x.device)
+    v_last = _alloc.empty(x.shape[1:], torch.float32, x.device)
+    v_seq = _alloc.empty(x.shape if store_v_seq else (0,), torch.float32, x.device)
+    _ext.cpp().lif_forward_out(x, v0, s, h, v_last, v_seq, tau, v_threshold, v_reset, soft_reset, decay_input,
+                               store_v_seq)
+    return s, h, v_last, v_seq
+
+
+def lif_backward(grad_s: torch.Tensor, grad_v_last: torch.Tensor, grad_v_seq: torch.Tensor, h: torch.Tensor,
+                 s: torch.Tensor, tau: float, v_threshold: float, v_reset: float, soft_reset: bool, decay_input: bool,
+                 detach_reset: bool, surrogate_kind: int, alpha: float):
+    """-> (grad_x [T, N] in h's dtype, grad_v0 [N] fp32)."""
+    grad_x = _alloc.empty(h.shape, h.dtype, h.device)
+    grad_v0 = _alloc.empty(h.shape[1:], torch.float32, h.device)
+    _ext.cpp().lif_backward_out(grad_s, grad_v_last, grad_v_seq, h, s, grad_x, grad_v0, tau, v_threshold, v_reset,
+                                soft_reset, decay_input, detach_reset, surrogate_kind, alpha)
+    return grad_x, grad_v0
