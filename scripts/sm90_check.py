@@ -24,6 +24,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lrkern.kernels import hadamard as HK  # noqa: E402
+from lrkern.kernels import lif as LIFK  # noqa: E402
 from lrkern.kernels import lowrank as LK  # noqa: E402
 from lrkern.kernels import kv_attention as K  # noqa: E402
 from lrkern.kernels import quant as QK  # noqa: E402
@@ -53,8 +54,9 @@ def compile_sm90(fn, types: dict, meta: dict):
     meta = dict(meta)
     num_warps = meta.pop("num_warps")
     options = {"num_warps": num_warps}
-    if "num_stages" in meta:
-        options["num_stages"] = meta.pop("num_stages")
+    for option in ("num_stages", "enable_fp_fusion"):
+        if option in meta:
+            options[option] = meta.pop(option)
     signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
     constexprs = {(fn.arg_names.index(k),): v for k, v in meta.items()}
     with warnings.catch_warnings():
@@ -124,6 +126,18 @@ FOUNDATION = [
      dict(BLOCK_M1=LK.BLOCK_M1, BLOCK_M2=LK.BLOCK_M2, BLOCK_R1=LK.MAX_BLOCK_R, BLOCK_R2=LK.MAX_BLOCK_R,
           LOW=dt != torch.float32, EMULATE=False, num_warps=LK.PROJECT_NUM_WARPS, num_stages=LK.PROJECT_NUM_STAGES))
     for dt in (torch.float32, torch.bfloat16)
+] + [  # multi-step LIF at the default block, fp16, every store and the heavier sigmoid surrogate
+    ("lif-fwd-fp16", LIFK._lif_fwd_kernel,
+     dict(x_ptr=_F16, v0_ptr="*fp32", s_ptr=_F16, h_ptr=_F16, v_last_ptr="*fp32", v_seq_ptr="*fp32", T="i32",
+          N="i32", tau="fp32", v_threshold="fp32", v_reset="fp32"),
+     dict(SOFT_RESET=False, DECAY_INPUT=True, STORE_V_SEQ=True, BLOCK=LIFK.BLOCK, num_warps=LIFK._num_warps(LIFK.BLOCK),
+          enable_fp_fusion=False)),
+    ("lif-bwd-fp16", LIFK._lif_bwd_kernel,
+     dict(grad_s_ptr=_F16, grad_v_last_ptr="*fp32", grad_v_seq_ptr="*fp32", h_ptr=_F16, s_ptr=_F16,
+          grad_x_ptr=_F16, grad_v0_ptr="*fp32", T="i32", N="i32", tau="fp32", v_threshold="fp32", v_reset="fp32",
+          decay="fp32", alpha="fp32", atan_scale="fp32", half_alpha="fp32"),
+     dict(SOFT_RESET=False, DECAY_INPUT=True, DETACH_RESET=False, SURROGATE=0, HAS_V_SEQ=True, BLOCK=LIFK.BLOCK,
+          num_warps=LIFK._num_warps(LIFK.BLOCK), enable_fp_fusion=False)),
 ] + [
     (f"mode-gram-{TL[dt]}", LK._mode_gram_kernel,
      dict(x_ptr="*" + TL[dt], out_ptr="*fp32", N="i32", Q="i32", T="i32", sxp="i32", sxn="i32", sxq="i32",
