@@ -3,25 +3,16 @@ continual-learning scripts (and reruns of one configuration) update their own ro
 from __future__ import annotations
 
 import json
-import subprocess
-from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.common import RESULTS, git_commit
+
 JSON = RESULTS / "lance.json"
 MD = RESULTS / "lance.md"
 
 FINETUNE_KEY = ("model", "method", "eps", "modes", "layers", "device")
 CONTINUAL_KEY = ("method", "eps", "eps_modes", "device")
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=RESULTS.parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def environment() -> dict:

@@ -93,8 +93,10 @@ class GramCollector:
     def run(self, loader: Iterable, batches: int, device=None, desc: str = "calibrate") -> int:
         """Feed ``batches`` loader batches through the model (no grad), passing over a re-iterable loader again when
         it is shorter (the reference takes 100 batches however long an epoch is); returns how many were used."""
+        from tqdm.auto import tqdm  # a runtime dependency, as in lrkern.kvlinc
+
         used = 0
-        bar = _progress(batches, desc)
+        bar = tqdm(total=batches, desc=desc, leave=False, disable=None)
         with self.active(), torch.no_grad():
             while used < batches:
                 before = used
@@ -115,23 +117,6 @@ class GramCollector:
             raise ValueError("the calibration loader yielded no batches")
         self.batches += used
         return used
-
-
-class _NoBar:
-    def update(self, _n):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total, desc):
-    try:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, leave=False, disable=None)
-    except ImportError:  # tqdm is a runtime dependency, but calibration works without it
-        return _NoBar()
 
 
 @contextlib.contextmanager

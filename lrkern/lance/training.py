@@ -201,15 +201,6 @@ def pretrained_path(name: str, epochs: int = 2, seed: int = 0, cache_dir: Option
                      f"{PRETRAIN_VERSION}.safetensors")
 
 
-def _progress(total: int, desc: str):
-    """A tqdm bar when tqdm is installed (it is a runtime dependency, but the loop must not need it), else None."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="step", leave=False)
-
-
 def pretrained(name: str, epochs: int = 2, seed: int = 0, cache_dir: Optional[Union[str, os.PathLike]] = None,
                root: Optional[Union[str, os.PathLike]] = None) -> nn.Module:
     """A model pretrained with BP on Fashion-MNIST train (60k), in eval mode on the CPU.
@@ -228,6 +219,7 @@ def pretrained(name: str, epochs: int = 2, seed: int = 0, cache_dir: Optional[Un
         root: the Fashion-MNIST folder, see ``lrkern.vision_data.fashion_mnist``; only read when training.
     """
     from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm  # a runtime dependency, as in lrkern.kvlinc
 
     path = pretrained_path(name, epochs, seed, cache_dir)
     factory = _FACTORIES[name][0]
@@ -246,12 +238,11 @@ def pretrained(name: str, epochs: int = 2, seed: int = 0, cache_dir: Optional[Un
     t_start = time.perf_counter()
     for epoch in range(epochs):
         # One train_epochs call per epoch (constant lr, so nothing changes) gives a progress line per epoch.
-        bar = _progress(len(loader), f"pretrain {name} epoch {epoch + 1}/{epochs}")
+        bar = tqdm(total=len(loader), desc=f"pretrain {name} epoch {epoch + 1}/{epochs}", unit="step", leave=False)
         t0 = time.perf_counter()
         log = train_epochs(model, loader, 1, lambda _: optimizer, lr_schedule=None,
-                           step_callback=(lambda s, m: bar.update()) if bar is not None else None)
-        if bar is not None:
-            bar.close()
+                           step_callback=lambda s, m: bar.update())
+        bar.close()
         print(f"lrkern: pretrain {name} epoch {epoch + 1}/{epochs}: loss {statistics.fmean(log.losses):.4f}, "
               f"{time.perf_counter() - t0:.1f} s ({log.median_step_ms:.1f} ms/step)", flush=True)
     train_s = time.perf_counter() - t_start
