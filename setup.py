@@ -8,11 +8,13 @@ import os
 import sys
 from glob import glob
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # The Triton kernels live in lrkern/kernels, never in a top-level ``kernels`` folder: that import name belongs to
 # another PyPI project which transformers imports, and a repo-root folder would shadow it for any script run there.
-packages = ["lrkern", "lrkern.ops", "lrkern.reference", "lrkern.kernels", "lrkern.kvlinc"]
+# find_packages installs every subpackage (lrkern.lance, lrkern.spiking, lrkern.data, ...), so a new one is never
+# left out of a non-editable install.
+packages = find_packages(include=["lrkern", "lrkern.*"])
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("LRKERN_SKIP_EXT") != "1":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parent.parent.parent  # lrkern/data/__init__.py -> repository root
 
 
 def data_dirs() -> list[Path]:

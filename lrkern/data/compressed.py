@@ -1,0 +1,408 @@
+"""Compressed-domain video tensors through PyAV (spec ``spiking_video.md`` 3.3): I-frames, P-frame motion vectors and
+P-frame residuals of a real MPEG-4 Part 2 or H.264 stream, plus ``encode_clip`` to write such a stream.
+
+FFmpeg exports motion vectors only from a decoding pass (``flags2=+export_mvs``) and never exports residuals, so every
+frame is decoded; this reproduces the model's inputs, not a compressed-domain decoder's savings.
+
+What FFmpeg gives (PyAV 18.1, FFmpeg 8): on a P-frame, ``frame.side_data.get('MOTION_VECTORS').to_ndarray()`` is a
+structured array with one record per inter-predicted block: ``w, h`` (block size: 16 for MPEG-4 Part 2 without 4MV,
+4 to 16 for H.264), ``dst_x, dst_y`` (the block centre in this frame), ``motion_x, motion_y, motion_scale`` (the
+vector in 1/``motion_scale`` pixels: 2 = half-pel for MPEG-4 Part 2, 4 = quarter-pel for H.264; the source position is
+``dst + motion / motion_scale``), ``src_x, src_y`` (that source rounded to integers) and ``source`` (< 0: a past
+reference; only a direction, never which frame, so H.264 must be encoded with ``refs=1``). Intra blocks of a P-frame
+have no record; I-frames have no side data at all.
+
+The tensors (lrkern formulation, not the paper's, whose code is not public):
+
+- **MV** ``[T, 2, H/16, W/16]`` float32: each block's displacement ``d = dst - src`` in pixels, the motion *from the
+  previous frame to this one* (a block moving right by 2 px has ``d_x = +2``; x right, y down), painted onto a
+  4x4-pixel grid, area-averaged into 16x16 cells and divided by 8 px. Blocks without a vector (intra) count as 0. With
+  ``mv_mask=True`` a third channel holds the fraction of each cell covered by blocks that have a vector.
+- **Residual** ``R_t = F_t - MC(F_{t-1}, MV_t)`` on the decoded luma plane (or RGB): each block of the previous
+  decoded frame is sampled bilinearly at its fractional source position, clamped at the frame edges (FFmpeg's edge
+  extension); a pixel of a block without a vector copies the co-located pixel. For MPEG-4 Part 2 this is the codec's
+  own prediction up to the half-pel rounding (``(a + b + 1 - rounding) >> 1`` vs the exact average); for H.264 it is
+  an approximation (6-tap quarter-pel filter, deblocking, weighted prediction are not modelled). Average-pooled by
+  ``residual_scale`` (2 by default), rounded, clamped to +-127, stored as int8.
+
+``mv_rasterize`` and ``motion_compensate`` are pure NumPy functions on the record arrays: the reference for a later
+C++ port (spec section 4, item 4).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+PathLike = Union[str, os.PathLike]
+
+PICT_I, PICT_P, PICT_B = 1, 2, 3  # av.video.frame.PictureType values (a plain int in PyAV 18)
+MV_CELL = 16      # output grid cell (one macroblock)
+MV_UNIT = 8.0     # MV tensor = mean displacement in px / MV_UNIT
+_SUB = 4          # painting grid: every block size of MPEG-4 Part 2 and H.264 is a multiple of 4 px
+_PLANAR_8BIT = {"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "gray"}
+
+# MV record fields this module reads (the dtype of FFmpeg's AVMotionVector as PyAV exposes it).
+MV_FIELDS = ("source", "w", "h", "dst_x", "dst_y", "motion_x", "motion_y", "motion_scale")
+
+
+@dataclass
+class CompressedClip:
+    """The compressed-domain tensors of one clip (NumPy arrays).
+
+    - ``iframes`` uint8 ``[K, 3, H, W]``: the decoded I-frames in RGB, one per GOP.
+    - ``mv`` float32 ``[T, 2 | 3, H/16, W/16]``: per P-frame motion (see the module docstring; x then y, then the
+      optional validity channel).
+    - ``residual`` int8 ``[T, 1 | 3, H/r, W/r]``: per P-frame motion-compensation residual (luma or RGB).
+    - ``gop_index`` int64 ``[T]``: the GOP (0..K-1) each P-frame belongs to.
+    - ``pict_types``: the picture type of every kept frame in decoding order (1 = I, 2 = P).
+    - ``fps``: the stream's average frame rate; ``size``: ``(H, W)``; ``path``: the file.
+    """
+
+    iframes: np.ndarray
+    mv: np.ndarray
+    residual: np.ndarray
+    gop_index: np.ndarray
+    pict_types: list[int] = field(default_factory=list)
+    fps: float = 0.0
+    size: tuple[int, int] = (0, 0)
+    path: str = ""
+
+    @property
+    def num_gops(self) -> int:
+        return int(self.iframes.shape[0])
+
+    @property
+    def gop_lengths(self) -> list[int]:
+        """Frames per GOP (I-frame included)."""
+        return [1 + int((self.gop_index == k).sum()) for k in range(self.num_gops)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pure NumPy: motion-vector records -> grids, motion compensation
+# --------------------------------------------------------------------------------------------------------------------
+
+def _check_size(H: int, W: int, what: str = "frame") -> None:
+    if H <= 0 or W <= 0 or H % MV_CELL or W % MV_CELL:
+        raise ValueError(f"{what} size {H}x{W} (HxW) is not a multiple of {MV_CELL}; lrkern never crops silently: "
+                         f"re-encode it, e.g. ffmpeg -i IN -vf \"crop=floor(iw/16)*16:floor(ih/16)*16\" "
+                         f"-c:v mpeg4 -q:v 2 -bf 0 -g 12 OUT.avi")
+
+
+def displacement_grid(records: Optional[np.ndarray], H: int, W: int) -> tuple[np.ndarray, np.ndarray]:
+    """Paint the records onto a 4x4-pixel grid.
+
+    Args:
+        records: the structured array of ``frame.side_data.get('MOTION_VECTORS').to_ndarray()`` (fields
+            ``MV_FIELDS``), or None / empty (no inter block).
+        H, W: frame size, multiples of 16.
+
+    Returns:
+        ``(d, valid)``: ``d`` float32 ``[H/4, W/4, 2]`` the displacement ``dst - src`` in pixels (x, y) of the block
+        covering each 4x4 cell, 0 where none; ``valid`` bool ``[H/4, W/4]``. Records with a future reference
+        (``source > 0``, B-frames only) are ignored; where blocks overlap the later record wins.
+    """
+    _check_size(H, W)
+    gh, gw = H // _SUB, W // _SUB
+    d = np.zeros((gh, gw, 2), np.float32)
+    valid = np.zeros((gh, gw), bool)
+    if records is None or len(records) == 0:
+        return d, valid
+    r = records[records["source"] < 0]
+    if len(r) == 0:
+        return d, valid
+    bw = r["w"].astype(np.int64)
+    bh = r["h"].astype(np.int64)
+    if np.any(bw % _SUB) or np.any(bh % _SUB) or np.any(bw <= 0) or np.any(bh <= 0):
+        raise ValueError(f"motion-vector block sizes {sorted(set(bw.tolist()))}x{sorted(set(bh.tolist()))} are not "
+                         f"multiples of {_SUB} px; only MPEG-4 Part 2 and H.264 streams are supported")
+    scale = r["motion_scale"].astype(np.float32)
+    scale[scale == 0] = 1.0
+    # d = dst - src = -motion / motion_scale
+    dx = -r["motion_x"].astype(np.float32) / scale
+    dy = -r["motion_y"].astype(np.float32) / scale
+    cx0 = (r["dst_x"].astype(np.int64) - bw // 2) // _SUB  # first 4x4 cell of each block
+    cy0 = (r["dst_y"].astype(np.int64) - bh // 2) // _SUB
+    nx, ny = bw // _SUB, bh // _SUB
+    n = nx * ny
+    blk = np.repeat(np.arange(len(r)), n)                  # block of every painted cell
+    k = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)  # cell index inside its block
+    cx = cx0[blk] + k % nx[blk]
+    cy = cy0[blk] + k // nx[blk]
+    inside = (cx >= 0) & (cx < gw) & (cy >= 0) & (cy < gh)
+    cx, cy, blk = cx[inside], cy[inside], blk[inside]
+    d[cy, cx, 0] = dx[blk]
+    d[cy, cx, 1] = dy[blk]
+    valid[cy, cx] = True
+    return d, valid
+
+
+def _rasterize_grid(d: np.ndarray, valid: np.ndarray, mask: bool) -> np.ndarray:
+    gh, gw = valid.shape
+    f = MV_CELL // _SUB
+    h, w = gh // f, gw // f
+    mv = d.reshape(h, f, w, f, 2).mean(axis=(1, 3)).transpose(2, 0, 1) / MV_UNIT
+    if mask:
+        m = valid.reshape(h, f, w, f).mean(axis=(1, 3))[None]
+        mv = np.concatenate([mv, m], 0)
+    return np.ascontiguousarray(mv, dtype=np.float32)
+
+
+def mv_rasterize(records: Optional[np.ndarray], H: int, W: int, mask: bool = False) -> np.ndarray:
+    """The MV tensor of one P-frame (lrkern formulation, spec 3.3).
+
+    Args:
+        records: FFmpeg motion-vector records (see ``displacement_grid``), or None.
+        H, W: frame size (multiples of 16).
+        mask: add a third channel, the fraction of each 16x16 cell covered by blocks with a vector.
+
+    Returns:
+        float32 ``[2 | 3, H/16, W/16]``: the area-averaged displacement ``dst - src`` (x, y) in units of 8 px.
+    """
+    d, valid = displacement_grid(records, H, W)
+    return _rasterize_grid(d, valid, mask)
+
+
+def _compensate_grid(prev: np.ndarray, d: np.ndarray) -> np.ndarray:
+    H, W = prev.shape[:2]
+    f = _SUB
+    # source = pixel - d, one vector per 4x4 cell
+    mx = np.repeat(np.repeat(-d[..., 0], f, 0), f, 1)
+    my = np.repeat(np.repeat(-d[..., 1], f, 0), f, 1)
+    sx = np.clip(np.arange(W, dtype=np.float32)[None, :] + mx, 0, W - 1)
+    sy = np.clip(np.arange(H, dtype=np.float32)[:, None] + my, 0, H - 1)
+    x0 = np.floor(sx).astype(np.int64)
+    y0 = np.floor(sy).astype(np.int64)
+    fx = sx - x0
+    fy = sy - y0
+    x1 = np.minimum(x0 + 1, W - 1)
+    y1 = np.minimum(y0 + 1, H - 1)
+    p = prev.astype(np.float32)
+    if p.ndim == 3:
+        fx, fy = fx[..., None], fy[..., None]
+    top = p[y0, x0] * (1 - fx) + p[y0, x1] * fx
+    bot = p[y1, x0] * (1 - fx) + p[y1, x1] * fx
+    return (top * (1 - fy) + bot * fy).astype(np.float32)
+
+
+def motion_compensate(prev: np.ndarray, records: Optional[np.ndarray]) -> np.ndarray:
+    """Predict a P-frame from the previous decoded frame and its motion-vector records.
+
+    Args:
+        prev: the previous decoded frame, ``[H, W]`` (luma) or ``[H, W, C]``, any numeric dtype; H, W multiples of 16.
+        records: FFmpeg motion-vector records of the current frame (see ``displacement_grid``), or None.
+
+    Returns:
+        float32 of ``prev``'s shape: every block sampled bilinearly at its fractional source position
+        (``pixel + motion / motion_scale``) with coordinates clamped to the frame (edge extension); pixels of blocks
+        without a vector copy the co-located pixel of ``prev``.
+    """
+    prev = np.asarray(prev)
+    if prev.ndim not in (2, 3):
+        raise ValueError(f"prev must be [H, W] or [H, W, C], got shape {prev.shape}")
+    d, _ = displacement_grid(records, prev.shape[0], prev.shape[1])
+    return _compensate_grid(prev, d)
+
+
+def _pool_residual(r: np.ndarray, scale: int) -> np.ndarray:
+    """``r`` float ``[H, W, C]`` -> int8 ``[C, H/scale, W/scale]`` (average pool, round, clamp +-127)."""
+    H, W, C = r.shape
+    if scale > 1:
+        r = r.reshape(H // scale, scale, W // scale, scale, C).mean(axis=(1, 3))
+    return np.clip(np.rint(r), -127, 127).astype(np.int8).transpose(2, 0, 1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# PyAV decoding / encoding
+# --------------------------------------------------------------------------------------------------------------------
+
+def _luma(frame) -> np.ndarray:
+    """The decoded luma plane ``[H, W]`` uint8 (the codec's own samples for 8-bit planar YUV, else a conversion)."""
+    if frame.format.name in _PLANAR_8BIT:
+        plane = frame.planes[0]
+        a = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
+        return a[:frame.height, :frame.width]
+    return frame.to_ndarray(format="gray")
+
+
+def _import_av():
+    try:
+        import av
+    except ImportError as e:  # pragma: no cover - av is a listed requirement
+        raise ImportError("lrkern.data.compressed needs PyAV: pip install av (its wheels bundle FFmpeg)") from e
+    return av
+
+
+def decode_compressed(path: PathLike, gop: Optional[int] = None, residual: str = "luma", residual_scale: int = 2,
+                      mv_mask: bool = False, max_gops: Optional[int] = None,
+                      threads: Optional[int] = None) -> CompressedClip:
+    """Decode a video file into compressed-domain tensors (see the module docstring for the formulation).
+
+    GOP k is every frame from the k-th I-frame up to (not including) the next one, so irregular GOP structures work;
+    T = sum over GOPs of (GOP length - 1).
+
+    Args:
+        path: an MPEG-4 Part 2 or H.264 file without B-frames (any container FFmpeg reads).
+        gop: if given, the expected GOP length: every kept GOP must have exactly ``gop`` frames, else ValueError.
+        residual: ``"luma"`` (``[T, 1, ...]``, on the decoded Y plane) or ``"rgb"`` (``[T, 3, ...]``).
+        residual_scale: average-pooling factor of the residual (2: half size; 1: full size); must divide 16.
+        mv_mask: add the validity channel to ``mv``.
+        max_gops: keep only the first ``max_gops`` GOPs (decoding stops at the next I-frame); ValueError if the file
+            has fewer.
+        threads: decoder threads (None: FFmpeg's default; 1 is fastest for small clips in worker processes).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError (naming the file): a B-frame, a first frame that is not an I-frame, a size that is not a multiple
+            of 16, fewer than ``max_gops`` GOPs, a GOP length other than ``gop``, or no video stream.
+    """
+    av = _import_av()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video file {path} does not exist")
+    if residual not in ("luma", "rgb"):
+        raise ValueError(f"residual must be 'luma' or 'rgb', got {residual!r}")
+    if residual_scale < 1 or MV_CELL % residual_scale:
+        raise ValueError(f"residual_scale must divide {MV_CELL}, got {residual_scale}")
+    if max_gops is not None and max_gops < 1:
+        raise ValueError(f"max_gops must be >= 1, got {max_gops}")
+    reencode = (f"re-encode it without B-frames, e.g. ffmpeg -i {path} -c:v mpeg4 -q:v 2 -bf 0 -g 12 OUT.avi "
+                "(or -c:v libx264 -bf 0 -refs 1 -sc_threshold 0 -g 12 -keyint_min 12 OUT.mp4)")
+
+    iframes: list[np.ndarray] = []
+    mvs: list[np.ndarray] = []
+    ress: list[np.ndarray] = []
+    gop_index: list[int] = []
+    pict_types: list[int] = []
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        stream.codec_context.options = {"flags2": "+export_mvs"}
+        if threads is not None:
+            stream.codec_context.thread_count = threads
+        fps = float(stream.average_rate) if stream.average_rate else 0.0
+        H = W = None
+        prev = None
+        for frame in container.decode(stream):
+            pt = int(frame.pict_type)
+            if H is None:
+                H, W = frame.height, frame.width
+                _check_size(H, W, f"{path}: frame")
+            if pt == PICT_B:
+                raise ValueError(f"{path}: frame {len(pict_types)} is a B-frame; lrkern reads only I- and P-frames: "
+                                 + reencode)
+            if pt not in (PICT_I, PICT_P):
+                raise ValueError(f"{path}: frame {len(pict_types)} has picture type {pt} (only I = 1 and P = 2 are "
+                                 "supported): " + reencode)
+            if pt == PICT_I:
+                if max_gops is not None and len(iframes) == max_gops:
+                    break
+                iframes.append(frame.to_ndarray(format="rgb24").transpose(2, 0, 1))
+                cur = _luma(frame) if residual == "luma" else None
+            else:
+                if not iframes:
+                    raise ValueError(f"{path}: the first decoded frame is a P-frame (the stream does not start with "
+                                     "an I-frame); lrkern never drops frames silently: " + reencode)
+                sd = frame.side_data.get("MOTION_VECTORS")
+                rec = sd.to_ndarray() if sd is not None else None
+                d, valid = displacement_grid(rec, H, W)
+                mvs.append(_rasterize_grid(d, valid, mv_mask))
+                cur = _luma(frame) if residual == "luma" else frame.to_ndarray(format="rgb24")
+                c = cur[..., None] if cur.ndim == 2 else cur
+                p = prev[..., None] if prev.ndim == 2 else prev
+                ress.append(_pool_residual(c.astype(np.float32) - _compensate_grid(p, d), residual_scale))
+                gop_index.append(len(iframes) - 1)
+            if cur is None:  # an I-frame in RGB residual mode
+                cur = iframes[-1].transpose(1, 2, 0)
+            prev = np.array(cur)  # own copy: the frame's buffer is reused by the decoder
+            pict_types.append(pt)
+    if not pict_types:
+        raise ValueError(f"{path}: no frame could be decoded")
+    K = len(iframes)
+    if max_gops is not None and K < max_gops:
+        raise ValueError(f"{path} has {K} GOP(s) (I-frames at frames "
+                         f"{[i for i, t in enumerate(pict_types) if t == PICT_I]}), fewer than the {max_gops} asked "
+                         f"for; use a longer clip or re-encode it with a shorter GOP, e.g. ffmpeg -i {path} -c:v mpeg4 "
+                         f"-q:v 2 -bf 0 -g 12 OUT.avi")
+    gi = np.asarray(gop_index, np.int64)
+    if gop is not None:
+        lengths = [1 + int((gi == k).sum()) for k in range(K)]
+        if any(n != gop for n in lengths):
+            raise ValueError(f"{path}: GOP lengths {lengths}, expected every GOP to have {gop} frames; re-encode with "
+                             f"a fixed GOP, e.g. ffmpeg -i {path} -c:v mpeg4 -q:v 2 -bf 0 -g {gop} OUT.avi")
+    C = 1 if residual == "luma" else 3
+    h, w = H // MV_CELL, W // MV_CELL
+    return CompressedClip(
+        iframes=np.stack(iframes).astype(np.uint8),
+        mv=np.stack(mvs) if mvs else np.zeros((0, 3 if mv_mask else 2, h, w), np.float32),
+        residual=np.stack(ress) if ress else np.zeros((0, C, H // residual_scale, W // residual_scale), np.int8),
+        gop_index=gi, pict_types=pict_types, fps=fps, size=(H, W), path=str(path))
+
+
+def encode_clip(frames: np.ndarray, path: PathLike, codec: str = "mpeg4", gop: int = 12, fps: int = 25,
+                quality: Optional[int] = None, bitrate: Optional[int] = None, threads: int = 1) -> Path:
+    """Encode RGB frames into a real I/P-only stream with PyAV.
+
+    Args:
+        frames: uint8 ``[N, H, W, 3]`` (H, W even; ``decode_compressed`` needs multiples of 16).
+        path: output file; the container follows the extension (``.avi`` for mpeg4, ``.mp4``/``.mkv`` for H.264).
+        codec: ``"mpeg4"`` (MPEG-4 Part 2, half-pel, 16x16 vectors, ``max_b_frames=0``) or ``"libx264"`` (H.264,
+            quarter-pel; ``bf=0``, ``refs=1``, scene-cut detection off, ``keyint = min-keyint = gop``).
+        gop: GOP length (an I-frame every ``gop`` frames).
+        fps: frame rate.
+        quality: mpeg4: fixed quantiser ``qscale`` 1..31 (default 2, near-lossless I-frames); libx264: ``crf``
+            (default 12). Ignored when ``bitrate`` is given.
+        bitrate: target bit rate in bit/s instead of a fixed quality.
+        threads: encoder threads (1: deterministic output and no oversubscription in worker processes).
+
+    Returns:
+        ``Path(path)``.
+    """
+    av = _import_av()
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 [N, H, W, 3], got {frames.dtype} {frames.shape}")
+    N, H, W, _ = frames.shape
+    if H % 2 or W % 2:
+        raise ValueError(f"frame size {H}x{W} must be even (yuv420p)")
+    if codec not in ("mpeg4", "libx264"):
+        raise ValueError(f"codec must be 'mpeg4' or 'libx264', got {codec!r}")
+    if gop < 1:
+        raise ValueError(f"gop must be >= 1, got {gop}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        cc = stream.codec_context
+        cc.gop_size = gop
+        cc.thread_count = threads
+        if codec == "mpeg4":
+            cc.max_b_frames = 0
+            if bitrate is not None:
+                cc.bit_rate = int(bitrate)
+            else:
+                # A fixed quantiser: qmin = qmax = q. (The qscale flag with global_quality would need every input
+                # frame's quality set, which PyAV does not expose; without it the encoder falls back to qmin.)
+                q = 2 if quality is None else int(quality)
+                if not 1 <= q <= 31:
+                    raise ValueError(f"mpeg4 quality (qscale) must be in 1..31, got {q}")
+                cc.qmin = cc.qmax = q
+        else:
+            opts = {"bf": "0", "refs": "1", "sc_threshold": "0", "keyint_min": str(gop),
+                    "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0:ref=1"}
+            if bitrate is not None:
+                cc.bit_rate = int(bitrate)
+            else:
+                opts["crf"] = str(12 if quality is None else int(quality))
+            cc.options = opts
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
