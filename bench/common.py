@@ -134,14 +134,19 @@ def metadata(device: torch.device) -> dict:
     }
 
 
-def bench_backends(device: torch.device) -> tuple[list[str], dict[str, str]]:
+def bench_backends(device: torch.device, cuda_c: bool = False) -> tuple[list[str], dict[str, str]]:
     """(lrkern backends to time on ``device``, {backend left out: why}). The reference is always there (it is also
-    the baseline); the Triton interpreter never is (``TRITON_INTERPRET=1`` makes Triton run on the host)."""
+    the baseline); the Triton interpreter never is (``TRITON_INTERPRET=1`` makes Triton run on the host); the CUDA C
+    backend only for ops that have one (``cuda_c=True``)."""
     import lrkern
     from lrkern.ops import _dispatch
 
     names = list(lrkern.available_backends(device))
+    if not cuda_c and "cuda" in names:
+        names.remove("cuda")
     skipped = {b: _dispatch.why_unavailable(b, device) for b in _dispatch.BACKENDS if b not in names}
+    if not cuda_c:
+        skipped["cuda"] = "this op has no CUDA C implementation"
     if _dispatch.triton_interpret() and "triton" in names:
         names.remove("triton")
         skipped["triton"] = "TRITON_INTERPRET=1 is set: the interpreter is never benchmarked"

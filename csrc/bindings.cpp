@@ -26,4 +26,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_x"), py::arg("grad_v0"), py::arg("tau"), py::arg("v_threshold"), py::arg("v_reset"),
         py::arg("soft_reset"), py::arg("decay_input"), py::arg("detach_reset"), py::arg("surrogate_kind"),
         py::arg("alpha"));
+  m.def("stm_forward_out", &lrkern::cpu::stm_forward_out, "Spiking Temporal Modulator forward fused over time",
+        py::arg("u"), py::arg("v0"), py::arg("gain"), py::arg("tau"), py::arg("theta0"), py::arg("beta"), py::arg("s"),
+        py::arg("h"), py::arg("v_last"), py::arg("rho"), py::arg("v_reset"), py::arg("soft_reset"),
+        py::arg("decay_input"));
+  m.def("stm_backward_out", &lrkern::cpu::stm_backward_out,
+        "Spiking Temporal Modulator backward (trace rebuild, then one reverse sweep over time)", py::arg("grad_s"),
+        py::arg("grad_v_last"), py::arg("u"), py::arg("v0"), py::arg("h"), py::arg("s"), py::arg("gain"),
+        py::arg("tau"), py::arg("theta0"), py::arg("beta"), py::arg("grad_u"), py::arg("grad_v0"),
+        py::arg("grad_params"), py::arg("rho"), py::arg("v_reset"), py::arg("soft_reset"), py::arg("decay_input"),
+        py::arg("detach_reset"), py::arg("surrogate_kind"), py::arg("alpha"));
 }

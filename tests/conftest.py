@@ -23,7 +23,10 @@ def device(request):
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, device):
-    """Each backend that can run on ``device``; forced for the duration of the test."""
+    """Each backend that can run on ``device``; forced for the duration of the test. The ``cuda`` backend (CUDA C
+    through CuPy) exists for a few ops only: it runs in test modules that set ``CUDA_C_OPS = True``."""
+    if request.param == "cuda" and not getattr(request.module, "CUDA_C_OPS", False):
+        pytest.skip("this module's ops have no CUDA C implementation")
     reason = why_unavailable(request.param, device)
     if reason is not None:
         pytest.skip(reason)  # test_build.py fails the run when an expected backend is missing

@@ -11,6 +11,9 @@ from lrkern.reference import lif as R
 from lrkern.spiking import LIF
 from tests.helpers import DTYPE_IDS, DTYPES, TOLERANCE, err_ratio
 
+# The `backend` fixture also runs lrkern's CUDA C backend (CuPy) here, where a GPU and CuPy are present.
+CUDA_C_OPS = True
+
 OPTS = [  # (v_reset (None = soft), decay_input, detach_reset, surrogate)
     (0.0, True, False, "sigmoid"), (0.0, True, True, "atan"), (None, True, False, "atan"),
     (None, False, True, "sigmoid"), (-0.2, False, False, "sigmoid"),

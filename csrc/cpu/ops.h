@@ -40,4 +40,22 @@ void lif_backward_out(const at::Tensor& grad_s, const at::Tensor& grad_v_last, c
                       double v_threshold, double v_reset, bool soft_reset, bool decay_input, bool detach_reset,
                       int64_t surrogate_kind, double alpha);
 
+// Spiking Temporal Modulator over u [T, B, C, S] (see lrkern/reference/stm.py): s, h [T, B, C, S] in u's dtype,
+// v_last [B, C, S] fp32; v0 [B, C, S] fp32; gain fp32 [B, C] or absent (1); tau, theta0, beta (or absent) fp32 [C].
+// fp32 results are bit-identical to the reference.
+void stm_forward_out(const at::Tensor& u, const at::Tensor& v0, const std::optional<at::Tensor>& gain,
+                     const at::Tensor& tau, const at::Tensor& theta0, const std::optional<at::Tensor>& beta,
+                     at::Tensor& s, at::Tensor& h, at::Tensor& v_last, double rho, double v_reset, bool soft_reset,
+                     bool decay_input);
+
+// Its backward (a trace-rebuild sweep when beta is given, then one reverse sweep over T): grad_u [T, B, C, S] in h's
+// dtype, grad_v0 [B, C, S] fp32, grad_params fp32 [4, B, C] (gain, tau, theta0, beta per (b, c); the gain and tau rows
+// are zeros when u is absent, the beta row when beta is). v0 is read only when u is given.
+void stm_backward_out(const at::Tensor& grad_s, const at::Tensor& grad_v_last, const std::optional<at::Tensor>& u,
+                      const at::Tensor& v0, const at::Tensor& h, const at::Tensor& s,
+                      const std::optional<at::Tensor>& gain, const at::Tensor& tau, const at::Tensor& theta0,
+                      const std::optional<at::Tensor>& beta, at::Tensor& grad_u, at::Tensor& grad_v0,
+                      at::Tensor& grad_params, double rho, double v_reset, bool soft_reset, bool decay_input,
+                      bool detach_reset, int64_t surrogate_kind, double alpha);
+
 }  // namespace lrkern::cpu

@@ -12,7 +12,9 @@ from lrkern.ops.lance_layers import lance_conv2d, lance_linear
 from lrkern.ops.lif import lif_multistep, lif_multistep_backward
 from lrkern.ops.lowrank import lance_conv2d_wgrad, lance_linear_wgrad, lance_project, mode_gram_accumulate
 from lrkern.ops.quant import dequant, quant_pack
+from lrkern.ops.stm import stm_multistep, stm_multistep_backward
 
 __all__ = ["hadamard", "kv_attention", "quant_pack", "dequant", "mode_gram_accumulate", "lance_project",
            "lance_linear_wgrad", "lance_conv2d_wgrad", "lance_linear", "lance_conv2d", "lif_multistep",
-           "lif_multistep_backward", "use_backend", "select_backend", "available_backends"]
+           "lif_multistep_backward", "stm_multistep", "stm_multistep_backward", "use_backend", "select_backend",
+           "available_backends"]

@@ -61,3 +61,26 @@ def lif_backward(grad_s: torch.Tensor, grad_v_last: torch.Tensor, grad_v_seq: to
     _ext.cpp().lif_backward_out(grad_s, grad_v_last, grad_v_seq, h, s, grad_x, grad_v0, tau, v_threshold, v_reset,
                                 soft_reset, decay_input, detach_reset, surrogate_kind, alpha)
     return grad_x, grad_v0
+
+
+def stm_forward(u: torch.Tensor, v0: torch.Tensor, gain, tau: torch.Tensor, theta0: torch.Tensor, beta, rho: float,
+                v_reset: float, soft_reset: bool, decay_input: bool):
+    """-> (s [T, B, C, S] u.dtype, h [T, B, C, S] u.dtype, v_last [B, C, S] fp32)."""
+    s = _alloc.empty(u.shape, u.dtype, u.device)
+    h = _alloc.empty(u.shape, u.dtype, u.device)
+    v_last = _alloc.empty(u.shape[1:], torch.float32, u.device)
+    _ext.cpp().stm_forward_out(u, v0, gain, tau, theta0, beta, s, h, v_last, rho, v_reset, soft_reset, decay_input)
+    return s, h, v_last
+
+
+def stm_backward(grad_s: torch.Tensor, grad_v_last: torch.Tensor, u, v0: torch.Tensor, h: torch.Tensor,
+                 s: torch.Tensor, gain, tau: torch.Tensor, theta0: torch.Tensor, beta, rho: float, v_reset: float,
+                 soft_reset: bool, decay_input: bool, detach_reset: bool, surrogate_kind: int, alpha: float):
+    """-> (grad_u [T, B, C, S] in h's dtype, grad_v0 [B, C, S] fp32, grad_params [4, B, C] fp32)."""
+    grad_u = _alloc.empty(h.shape, h.dtype, h.device)
+    grad_v0 = _alloc.empty(h.shape[1:], torch.float32, h.device)
+    grad_params = _alloc.empty((4, h.shape[1], h.shape[2]), torch.float32, h.device)
+    _ext.cpp().stm_backward_out(grad_s, grad_v_last, u, v0, h, s, gain, tau, theta0, beta, grad_u, grad_v0,
+                                grad_params, rho, v_reset, soft_reset, decay_input, detach_reset, surrogate_kind,
+                                alpha)
+    return grad_u, grad_v0, grad_params

@@ -1,12 +1,15 @@
 """Backend selection: the one place where an op chooses its implementation.
 
 Default: CUDA tensors -> Triton, CPU tensors -> C++ when ``lrkern._C`` is built, else the reference.
-``LRKERN_BACKEND=reference|triton|cpp`` forces one for every op, and ``lrkern.use_backend(name)`` does the same
+``LRKERN_BACKEND=reference|triton|cpp|cuda`` forces one for every op, and ``lrkern.use_backend(name)`` does the same
 inside a ``with`` block (it wins over the variable, and reaches threads that do not inherit the caller's context,
 such as autograd's device threads, while the block is active). A forced backend that cannot run the given tensor raises
 instead of falling back, so a benchmark or test never measures something other than what it asked for.
 
 Triton runs CPU tensors only under ``TRITON_INTERPRET=1``, which must be set before Triton is first imported.
+
+``cuda`` is CUDA C from the project's sources (``csrc/cuda``), compiled at run time by CuPy (an optional dependency);
+only some ops have it (``lif_multistep``), and automatic selection never picks it: it runs only when forced.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch
 
 from lrkern import _ext
 
-BACKENDS = ("reference", "triton", "cpp")
+BACKENDS = ("reference", "triton", "cpp", "cuda")
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("lrkern_backend", default=None)
 # The innermost active ``use_backend`` for threads that do not inherit the caller's context: autograd runs CUDA
 # backward passes on its own device threads, where the contextvar above reads its default.
@@ -56,6 +59,12 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.reset(token)
 
 
+def forced_scope(name: str | None):
+    """``use_backend(name)``, or no-op for None: autograd backward functions re-enter the backend their forward was
+    forced to (saved in ctx), so a module that forces a backend around its forward call gets it for backward too."""
+    return use_backend(name) if name is not None else contextlib.nullcontext()
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -75,10 +84,48 @@ def triton_available() -> bool:
     return _triton_ok
 
 
+# A kernel that needs nothing: compiling and launching it shows that CuPy, NVRTC and the driver work together.
+_CUPY_PROBE = 'extern "C" __global__ void lrkern_cupy_probe(float* p) { if (p) p[threadIdx.x] = 1.0f; }'
+_cupy_reasons: dict[int, str | None] = {}  # device index -> why CuPy cannot run CUDA C there (None: it can)
+
+
+def cupy_unavailable(device: torch.device) -> str | None:
+    """None when CuPy imports and can compile and launch CUDA C on ``device`` (checked once per device), else the
+    reason, with the real error message."""
+    if device.type != "cuda":
+        return f"the CUDA C backend runs CUDA tensors only (got {device})"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index in _cupy_reasons:
+        return _cupy_reasons[index]
+    wheel = f"cupy-cuda{torch.version.cuda.split('.')[0]}x" if torch.version.cuda else "cupy-cuda12x"
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a CuPy built for another CUDA failing at import
+        reason = (f"CuPy does not import ({type(exc).__name__}: {exc}); install the wheel for torch's CUDA, e.g. "
+                  f"`pip install {wheel}`")
+    else:
+        try:
+            with cupy.cuda.Device(index):
+                kernel = cupy.RawKernel(_CUPY_PROBE, "lrkern_cupy_probe", options=("--fmad=false", "-std=c++17"))
+                kernel((1,), (1,), (0,))
+                cupy.cuda.Device(index).synchronize()
+            reason = None
+        except Exception as exc:  # NVRTC missing or too old for the driver, no kernel image, ...
+            version = getattr(cupy, "__version__", "?")
+            reason = (f"CuPy {version} cannot compile and launch CUDA C on cuda:{index} ({type(exc).__name__}: "
+                      f"{exc}); check that the CuPy wheel matches torch's CUDA ({wheel})")
+    _cupy_reasons[index] = reason
+    return reason
+
+
 def why_unavailable(name: str, device: torch.device) -> str | None:
     """None when backend ``name`` can run tensors on ``device``, else the reason."""
     if name == "reference":
         return None
+    if name == "cuda":
+        return cupy_unavailable(device)
     if name == "cpp":
         if device.type != "cpu":
             return f"the C++ backend runs CPU tensors only (got {device})"
@@ -103,7 +150,7 @@ def select_backend(device: torch.device) -> str:
             raise RuntimeError(f"backend {name!r} was forced but cannot run here: {reason}")
         return name
     if device.type == "cuda" and why_unavailable("triton", device) is None:
-        return "triton"
+        return "triton"  # never "cuda": that one runs only when forced
     if device.type == "cpu" and _ext.cpp() is not None:
         return "cpp"
     return "reference"
@@ -120,9 +167,10 @@ class Dispatcher:
     Every implementation takes the op's (validated, contiguous) arguments and returns freshly allocated outputs.
     """
 
-    def __init__(self, op: str, *, reference: str, triton: str | None = None, cpp: str | None = None):
+    def __init__(self, op: str, *, reference: str, triton: str | None = None, cpp: str | None = None,
+                 cuda: str | None = None):
         self.op = op
-        self._targets = {"reference": reference, "triton": triton, "cpp": cpp}
+        self._targets = {"reference": reference, "triton": triton, "cpp": cpp, "cuda": cuda}
         self._resolved: dict[str, Callable] = {}
 
     def implementation(self, backend: str) -> Callable:

@@ -15,14 +15,16 @@ from typing import Optional
 import torch
 
 from lrkern.ops import _checks
-from lrkern.ops._dispatch import Dispatcher
+from lrkern.ops._dispatch import Dispatcher, forced_backend, forced_scope
 
 SURROGATES = {"sigmoid": 0, "atan": 1}
 
 _fwd = Dispatcher("lif_multistep", reference="lrkern.reference.lif:lif_forward",
-                  triton="lrkern.kernels.lif:lif_forward", cpp="lrkern.ops._cpp:lif_forward")
+                  triton="lrkern.kernels.lif:lif_forward", cpp="lrkern.ops._cpp:lif_forward",
+                  cuda="lrkern.kernels.cuda_lif:lif_forward")
 _bwd = Dispatcher("lif_multistep_backward", reference="lrkern.reference.lif:lif_backward",
-                  triton="lrkern.kernels.lif:lif_backward", cpp="lrkern.ops._cpp:lif_backward")
+                  triton="lrkern.kernels.lif:lif_backward", cpp="lrkern.ops._cpp:lif_backward",
+                  cuda="lrkern.kernels.cuda_lif:lif_backward")
 
 
 def _number(name: str, value, positive: bool = False) -> float:
@@ -120,6 +122,7 @@ def _setup(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(h)  # an internal output; spikes get their gradient through the surrogate
     ctx.save_for_backward(h, s)
     ctx.conf = (tau, v_threshold, v_reset, surrogate, alpha, detach_reset, decay_input, v0 is not None)
+    ctx.backend = forced_backend()
 
 
 def _backward(ctx, grad_s, grad_v_last, grad_v_seq, _grad_h):
@@ -131,8 +134,9 @@ def _backward(ctx, grad_s, grad_v_last, grad_v_seq, _grad_h):
         grad_v_last = h.new_zeros(h.shape[1:], dtype=torch.float32)
     if grad_v_seq is None:
         grad_v_seq = h.new_empty((0,), dtype=torch.float32)
-    gx, gv0 = lif_multistep_backward(grad_s, grad_v_last, grad_v_seq, h, s, tau, v_threshold, v_reset, surrogate,
-                                     alpha, detach_reset, decay_input)
+    with forced_scope(ctx.backend):
+        gx, gv0 = lif_multistep_backward(grad_s, grad_v_last, grad_v_seq, h, s, tau, v_threshold, v_reset,
+                                         surrogate, alpha, detach_reset, decay_input)
     return gx, (gv0 if has_v0 else None), None, None, None, None, None, None, None, None
 
 
