@@ -3,7 +3,7 @@ PY := .venv/bin/python
 # Tests: Triton kernels through the interpreter on CPU; a missing C++ extension or Triton fails the run.
 TEST_ENV := TRITON_INTERPRET=1 LRKERN_POISON_EMPTY=1 LRKERN_REQUIRE_CPP=1 LRKERN_EXPECT_BACKENDS=cpp,triton,reference
 
-.PHONY: setup demo lance-demo lance bench-quick test bench plot gpu clean
+.PHONY: setup demo lance-demo lance video-demo video bench-quick test bench plot gpu clean
 
 setup:
 	@scripts/setup_env.sh
@@ -21,6 +21,16 @@ lance-demo: setup
 lance: setup
 	$(PY) bench/lance_finetune.py
 	$(PY) bench/lance_continual.py
+
+# Compressed-domain video recognition (spiking temporal modulators) on a small synthetic motion set: I-frame-only vs
+# the full model, accuracy, videos/s, energy estimate (~5 min on 2 cores, incl. a one-time ~40 s dataset build).
+video-demo: setup
+	.venv/bin/lrkern video demo
+
+# The experiment of bench/results/video_model.{json,md}: 5 models on the 2240-clip synthetic set (~45 min on 2 cores,
+# plus ~2 min to build the set once).
+video: setup
+	$(PY) bench/video_model.py
 
 # The op microbenchmarks on CPU without recording (Hadamard, quant, LANCE projection and layer steps, 2-bit KV decode
 # attention vs SDPA), ~40 s.
