@@ -28,6 +28,7 @@ from lrkern.kernels import lif as LIFK  # noqa: E402
 from lrkern.kernels import lowrank as LK  # noqa: E402
 from lrkern.kernels import kv_attention as K  # noqa: E402
 from lrkern.kernels import quant as QK  # noqa: E402
+from lrkern.kernels import stm as STMK  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -138,6 +139,26 @@ FOUNDATION = [
           decay="fp32", alpha="fp32", atan_scale="fp32", half_alpha="fp32"),
      dict(SOFT_RESET=False, DECAY_INPUT=True, DETACH_RESET=False, SURROGATE=0, HAS_V_SEQ=True, BLOCK=LIFK.BLOCK,
           num_warps=LIFK._num_warps(LIFK.BLOCK), enable_fp_fusion=False)),
+] + [  # STM at its largest block, fp16 and fp32, the heaviest variant: dynamic threshold (beta), gain, and in the
+    # backward the parameter gradients (u passed) with the sigmoid surrogate; the module's default hard reset
+    (f"stm-{kind}-{TL[dt]}", fn, types, dict(meta, BLOCK=STMK.MAX_BLOCK, num_warps=STMK._num_warps(STMK.MAX_BLOCK),
+                                             enable_fp_fusion=False))
+    for dt in (torch.float16, torch.float32)
+    for kind, fn, types, meta in (
+        ("fwd", STMK._stm_fwd_kernel,
+         dict(u_ptr="*" + TL[dt], v0_ptr="*fp32", gain_ptr="*fp32", tau_ptr="*fp32", theta0_ptr="*fp32",
+              beta_ptr="*fp32", s_ptr="*" + TL[dt], h_ptr="*" + TL[dt], v_last_ptr="*fp32", T="i32", N="i32",
+              S="i32", C="i32", rho="fp32", v_reset="fp32"),
+         dict(SOFT_RESET=False, DECAY_INPUT=True, HAS_GAIN=True, HAS_BETA=True)),
+        ("bwd", STMK._stm_bwd_kernel,
+         dict(grad_s_ptr="*" + TL[dt], grad_v_last_ptr="*fp32", u_ptr="*" + TL[dt], v0_ptr="*fp32",
+              h_ptr="*" + TL[dt], s_ptr="*" + TL[dt], gain_ptr="*fp32", tau_ptr="*fp32", theta0_ptr="*fp32",
+              beta_ptr="*fp32", trace_ptr="*fp32", grad_u_ptr="*" + TL[dt], grad_v0_ptr="*fp32",
+              partial_ptr="*fp32", T="i32", N="i32", S="i32", C="i32", n_blocks="i32", rho="fp32", v_reset="fp32",
+              alpha="fp32", atan_scale="fp32", half_alpha="fp32"),
+         dict(SOFT_RESET=False, DECAY_INPUT=True, DETACH_RESET=False, SURROGATE=STMK.SIGMOID, HAS_GAIN=True,
+              HAS_BETA=True, PARAMS=True)),
+    )
 ] + [
     (f"mode-gram-{TL[dt]}", LK._mode_gram_kernel,
      dict(x_ptr="*" + TL[dt], out_ptr="*fp32", N="i32", Q="i32", T="i32", sxp="i32", sxn="i32", sxq="i32",

@@ -1,5 +1,5 @@
 """The Triton kernels (kv_attention at every benchmark class, the foundation, low-rank and LIF kernels at their largest
-tiles) compile for sm_90 (H100) without a GPU, and do not spill registers.
+tiles, the STM forward and backward) compile for sm_90 (H100) without a GPU, and do not spill registers.
 
 The interpreter that runs the other tests never compiles a kernel; ``scripts/sm90_check.py`` does (with the ptxas
 and cuobjdump that Triton ships), in a subprocess because this suite runs with TRITON_INTERPRET=1.
@@ -27,6 +27,9 @@ def test_triton_kernels_compile_for_sm90_without_spills():
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     # 8 kv_attention classes x 2 kernels + 6 foundation kernels + 2 x (lance projection, mode Gram) + LIF fwd, bwd
-    assert len(rows) == 28, run.stdout
+    # + STM fwd, bwd in fp16 and fp32
+    assert len(rows) == 32, run.stdout
+    stm = sorted(r["class"] for r in rows if r["kernel"] in ("_stm_fwd_kernel", "_stm_bwd_kernel"))
+    assert stm == ["stm-bwd-fp16", "stm-bwd-fp32", "stm-fwd-fp16", "stm-fwd-fp32"], stm
     failed = [r for r in rows if "error" in r or r["spill_stack_bytes"]]
     assert not failed, "\n".join(json.dumps(r) for r in failed)
