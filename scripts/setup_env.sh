@@ -40,8 +40,8 @@ if ! "$V" -c "import pytest, numpy, ninja" 2>/dev/null; then
   quiet_pip install -q -r requirements-dev.txt
 fi
 
-if ! "$V" -c "import transformers, safetensors, tqdm, gguf, accelerate" 2>/dev/null; then
-  echo "setup: installing runtime dependencies (transformers, safetensors, gguf, accelerate)"
+if ! "$V" -c "import transformers, safetensors, tqdm, gguf, accelerate, av" 2>/dev/null; then
+  echo "setup: installing runtime dependencies (transformers, safetensors, gguf, accelerate, av)"
   quiet_pip install -q -r requirements.txt
 fi
 if ! "$V" -c "import spikingjelly.activation_based.neuron" 2>/dev/null; then
