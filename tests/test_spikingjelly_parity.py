@@ -179,3 +179,25 @@ def test_lrkern_backends_agree_on_the_converted_model(device):
             outs[name] = converted(x)
     first = next(iter(outs.values()))
     assert all(torch.equal(o, first) for o in outs.values()), list(outs)
+
+
+@pytest.mark.parametrize("opt", OPTS[:4], ids=OPT_IDS[:4])
+def test_stm_at_init_matches_spikingjelly_lifnode(device, opt):
+    """Spec 6: at its initial values (beta = 0, no gain) the STM is SpikingJelly's LIFNode, spikes and gradients."""
+    from lrkern.spiking import STM
+
+    tau, vth, v_reset, decay_input, detach, sur, alpha = opt
+    u = torch.randn(8, 2, 3, 5, 4, device=device) * 1.5
+    gs = torch.randn_like(u)
+    node = sj_node(tau, vth, v_reset, decay_input, detach, sur, alpha)
+    us = u.clone().requires_grad_(True)
+    s_ref = node(us)
+    (s_ref * gs).sum().backward()
+    functional.reset_net(node)
+    stm = STM(3, tau=tau, v_threshold=vth, v_reset=v_reset, surrogate=sur, alpha=alpha, detach_reset=detach,
+              decay_input=decay_input).to(device)
+    ul = u.clone().requires_grad_(True)
+    s = stm(ul)
+    (s * gs).sum().backward()
+    assert torch.equal(s, s_ref)
+    assert err_ratio(ul.grad, us.grad) < 1e-5
