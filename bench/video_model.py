@@ -6,7 +6,7 @@ encoded with the real MPEG-4 Part 2 codec through PyAV and decoded back into I-f
 I-frame-only model is the leakage check: it must stay within 10 points of chance (12.5%).
 
 Models (``lrkern.spiking.video.CompressedVideoNet``, D = 128, L_u = 2, L_s = 2), trained with the recipe of
-``lrkern.spiking.train`` for 8 epochs (full and iframe_only from seeds 0..2, the ablations from seed 0); the
+``lrkern.spiking.train`` for 5 epochs (full and iframe_only from seeds 0..2, the ablations from seed 0); the
 best-validation epoch is evaluated on the test split:
 - ``full``: I-frames + P-frames, STM (dynamic threshold, I-frame gain);  ``full_lif``: plain LIF instead of the STM;
   ``full_relu``: a non-spiking P path;  ``iframe_only`` and ``pframe_only``.
@@ -41,7 +41,7 @@ CHANCE = 100.0 / 8
 ACCEPTANCE_MODELS = ("full", "iframe_only")  # the spec's thresholds use these two, as means over --seeds
 
 
-def run(args) -> dict:
+def run(args, on_update=None) -> dict:
     device = torch.device(args.device)
     per_class = tuple(int(v) for v in args.per_class.split(","))
     t0 = time.perf_counter()
@@ -50,6 +50,9 @@ def run(args) -> dict:
     print(f"data: {paths['train'].parent} ({time.perf_counter() - t0:.0f} s), "
           + ", ".join(f"{s} {len(d.labels)}" for s, d in splits.items()))
     rows = []
+    setup = {"epochs": args.epochs, "seeds": args.seeds, "ablation_seeds": args.ablation_seeds,
+             "per_class": per_class, "codec": args.codec, "data_seed": args.data_seed, "lr": args.lr, "batch": 32,
+             "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": git_commit()}
     for name in args.models.split(","):
         if name not in MODELS:
             raise SystemExit(f"--models: unknown model {name!r}; accepted: {', '.join(MODELS)}")
@@ -81,14 +84,10 @@ def run(args) -> dict:
             "median_step_ms": statistics.fmean(r.median_step_ms for r in results),
             "parameters": sum(p.numel() for p in net0.parameters()), "device": device_name(device),
         })
-    return {
-        "setup": {"epochs": args.epochs, "seeds": args.seeds, "ablation_seeds": args.ablation_seeds,
-                  "per_class": per_class, "codec": args.codec,
-                  "data_seed": args.data_seed, "lr": args.lr, "batch": 32, "torch": torch.__version__,
-                  "threads": torch.get_num_threads(), "commit": git_commit(),
-                  "energy_table": e["energy_table"]},
-        "rows": rows,
-    }
+        setup["energy_table"] = e["energy_table"]
+        if on_update is not None:  # partial results survive an interrupted run
+            on_update({"setup": setup, "rows": rows})
+    return {"setup": setup, "rows": rows}
 
 
 def checks(rows: list[dict]) -> list[str]:
@@ -141,10 +140,10 @@ def remeasure_throughput(path: Path, device: torch.device) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--models", default="full,iframe_only,full_relu,full_lif,pframe_only")
     p.add_argument("--seeds", default="0,1,2", help="seeds of full and iframe_only")
     p.add_argument("--ablation-seeds", default="0", help="seeds of the other models (no threshold applies to them)")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--per-class", default="200,40,40", help="train,val,test clips per class")
     p.add_argument("--codec", default="mpeg4", choices=("mpeg4", "libx264"))
@@ -156,12 +155,16 @@ def main(argv=None) -> int:
                    help="only re-time videos/s of the rows in OUT.json (run on an idle machine) and rewrite OUT")
     args = p.parse_args(argv)
     out = Path(args.out)
+
+    def write(result: dict) -> None:
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        out.with_suffix(".md").write_text(markdown(result))
+
     if args.remeasure_throughput:
         result = remeasure_throughput(out.with_suffix(".json"), torch.device(args.device))
     else:
-        result = run(args)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+        result = run(args, on_update=write)
+    write(result)
     print(markdown(result))
     return 0
 
