@@ -36,4 +36,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("tau"), py::arg("theta0"), py::arg("beta"), py::arg("grad_u"), py::arg("grad_v0"),
         py::arg("grad_params"), py::arg("rho"), py::arg("v_reset"), py::arg("soft_reset"), py::arg("decay_input"),
         py::arg("detach_reset"), py::arg("surrogate_kind"), py::arg("alpha"));
+  m.def("mv_displacement_out", &lrkern::cpu::mv_displacement_out,
+        "paint FFmpeg motion-vector records (int32 [N, 8]) onto the 4x4-pixel displacement grid", py::arg("records"),
+        py::arg("d"), py::arg("valid"));
+  m.def("mv_pool_out", &lrkern::cpu::mv_pool_out, "displacement grid -> MV tensor [2 | 3, H/16, W/16]", py::arg("d"),
+        py::arg("valid"), py::arg("out"));
+  m.def("motion_compensate_out", &lrkern::cpu::motion_compensate_out,
+        "bilinear motion compensation of prev [H, W, C] by the displacement grid", py::arg("prev"), py::arg("d"),
+        py::arg("out"));
 }

@@ -58,4 +58,17 @@ void stm_backward_out(const at::Tensor& grad_s, const at::Tensor& grad_v_last, c
                       at::Tensor& grad_params, double rho, double v_reset, bool soft_reset, bool decay_input,
                       bool detach_reset, int64_t surrogate_kind, double alpha);
 
+// Compressed-domain video (see lrkern/data/compressed.py, whose NumPy functions these match bit for bit).
+// records: int32 [N, 8], columns source, w, h, dst_x, dst_y, motion_x, motion_y, motion_scale (MV_FIELDS order).
+// d float32 [H/4, W/4, 2] = dst - src of the block covering each 4x4 cell (0 where none), valid bool [H/4, W/4].
+// Raises ValueError (the reference's message) on a past-reference block size that is not a positive multiple of 4.
+void mv_displacement_out(const at::Tensor& records, at::Tensor& d, at::Tensor& valid);
+
+// MV tensor out float32 [2 | 3, H/16, W/16]: 16x16-cell means of d / 8 px, plus the covered fraction if 3 channels.
+void mv_pool_out(const at::Tensor& d, const at::Tensor& valid, at::Tensor& out);
+
+// Motion compensation: out float32 [H, W, C] = prev (uint8 or float32 [H, W, C]) sampled bilinearly at
+// clip(pixel - d, 0, size - 1) (fp64 blend, one rounding to fp32, as the NumPy reference).
+void motion_compensate_out(const at::Tensor& prev, const at::Tensor& d, at::Tensor& out);
+
 }  // namespace lrkern::cpu

@@ -25,8 +25,9 @@ The tensors (lrkern formulation, not the paper's, whose code is not public):
   an approximation (6-tap quarter-pel filter, deblocking, weighted prediction are not modelled). Average-pooled by
   ``residual_scale`` (2 by default), rounded, clamped to +-127, stored as int8.
 
-``mv_rasterize`` and ``motion_compensate`` are pure NumPy functions on the record arrays: the reference for a later
-C++ port (spec section 4, item 4).
+``mv_rasterize`` and ``motion_compensate`` (and the loader) run the C++ kernels of ``lrkern._C`` (``csrc/cpu/mv.cpp``,
+spec section 4 item 4) when the extension is built, else the pure NumPy code here, which stays the reference; the C++
+outputs are bit-identical to it. ``impl="numpy"`` (or the module flag ``MV_IMPL``) forces the reference.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+
+from lrkern import _ext
 
 PathLike = Union[str, os.PathLike]
 
@@ -47,6 +50,11 @@ _PLANAR_8BIT = {"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj44
 
 # MV record fields this module reads (the dtype of FFmpeg's AVMotionVector as PyAV exposes it).
 MV_FIELDS = ("source", "w", "h", "dst_x", "dst_y", "motion_x", "motion_y", "motion_scale")
+
+# Which implementation mv_rasterize / motion_compensate / decode_compressed use when their ``impl`` is None:
+# "auto" (the C++ kernels when lrkern._C is built, else NumPy), "numpy" (the reference) or "cpp" (error if not built).
+MV_IMPL = "auto"
+_IMPLS = ("auto", "numpy", "cpp")
 
 
 @dataclass
@@ -151,19 +159,22 @@ def _rasterize_grid(d: np.ndarray, valid: np.ndarray, mask: bool) -> np.ndarray:
     return np.ascontiguousarray(mv, dtype=np.float32)
 
 
-def mv_rasterize(records: Optional[np.ndarray], H: int, W: int, mask: bool = False) -> np.ndarray:
+def mv_rasterize(records: Optional[np.ndarray], H: int, W: int, mask: bool = False,
+                 impl: Optional[str] = None) -> np.ndarray:
     """The MV tensor of one P-frame (lrkern formulation, spec 3.3).
 
     Args:
         records: FFmpeg motion-vector records (see ``displacement_grid``), or None.
         H, W: frame size (multiples of 16).
         mask: add a third channel, the fraction of each 16x16 cell covered by blocks with a vector.
+        impl: ``"auto"`` (C++ when built), ``"numpy"`` (the reference) or ``"cpp"``; None: the module's ``MV_IMPL``.
 
     Returns:
         float32 ``[2 | 3, H/16, W/16]``: the area-averaged displacement ``dst - src`` (x, y) in units of 8 px.
     """
-    d, valid = displacement_grid(records, H, W)
-    return _rasterize_grid(d, valid, mask)
+    cpp = _use_cpp(impl)
+    d, valid = _grids(records, H, W, cpp)
+    return _rasterize(d, valid, mask, cpp)
 
 
 def _compensate_grid(prev: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -188,12 +199,13 @@ def _compensate_grid(prev: np.ndarray, d: np.ndarray) -> np.ndarray:
     return (top * (1 - fy) + bot * fy).astype(np.float32)
 
 
-def motion_compensate(prev: np.ndarray, records: Optional[np.ndarray]) -> np.ndarray:
+def motion_compensate(prev: np.ndarray, records: Optional[np.ndarray], impl: Optional[str] = None) -> np.ndarray:
     """Predict a P-frame from the previous decoded frame and its motion-vector records.
 
     Args:
         prev: the previous decoded frame, ``[H, W]`` (luma) or ``[H, W, C]``, any numeric dtype; H, W multiples of 16.
         records: FFmpeg motion-vector records of the current frame (see ``displacement_grid``), or None.
+        impl: ``"auto"`` (C++ when built), ``"numpy"`` (the reference) or ``"cpp"``; None: the module's ``MV_IMPL``.
 
     Returns:
         float32 of ``prev``'s shape: every block sampled bilinearly at its fractional source position
@@ -203,8 +215,70 @@ def motion_compensate(prev: np.ndarray, records: Optional[np.ndarray]) -> np.nda
     prev = np.asarray(prev)
     if prev.ndim not in (2, 3):
         raise ValueError(f"prev must be [H, W] or [H, W, C], got shape {prev.shape}")
-    d, _ = displacement_grid(records, prev.shape[0], prev.shape[1])
-    return _compensate_grid(prev, d)
+    cpp = _use_cpp(impl)
+    d, _ = _grids(records, prev.shape[0], prev.shape[1], cpp)
+    return _compensate(prev, d, cpp)
+
+
+# C++ dispatch: the same three stages (paint, pool, compensate) through lrkern._C. The records travel as one int32
+# [N, 8] table (MV_FIELDS columns); d and valid stay torch tensors between the stages.
+
+def _use_cpp(impl: Optional[str]) -> bool:
+    impl = MV_IMPL if impl is None else impl
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if impl == "numpy":
+        return False
+    ok = _ext.cpp() is not None and hasattr(_ext.cpp(), "motion_compensate_out")
+    if impl == "cpp" and not ok:
+        raise RuntimeError("impl='cpp' but the C++ extension lrkern._C (with the motion-vector kernels) is not built "
+                           f"({_ext.load_error() or 'a build without csrc/cpu/mv.cpp'}); build it with `pip install -e "
+                           ". --no-build-isolation`, or use impl='numpy'")
+    return ok
+
+
+def _record_table(records: Optional[np.ndarray]):
+    import torch
+
+    n = 0 if records is None else len(records)
+    t = np.empty((n, len(MV_FIELDS)), np.int32)
+    for k, name in enumerate(MV_FIELDS):
+        if n:
+            t[:, k] = records[name]
+    return torch.from_numpy(t)
+
+
+def _grids(records: Optional[np.ndarray], H: int, W: int, cpp: bool):
+    """``displacement_grid`` (NumPy arrays) or its C++ twin (torch tensors)."""
+    if not cpp:
+        return displacement_grid(records, H, W)
+    from lrkern.ops import _cpp
+
+    _check_size(H, W)
+    return _cpp.mv_displacement(_record_table(records), H, W)
+
+
+def _rasterize(d, valid, mask: bool, cpp: bool) -> np.ndarray:
+    if not cpp:
+        return _rasterize_grid(d, valid, mask)
+    from lrkern.ops import _cpp
+
+    return _cpp.mv_pool(d, valid, mask).numpy()
+
+
+def _compensate(prev: np.ndarray, d, cpp: bool) -> np.ndarray:
+    if not cpp:
+        return _compensate_grid(prev, d)
+    import torch
+
+    from lrkern.ops import _cpp
+
+    p = prev if prev.ndim == 3 else prev[..., None]
+    if p.dtype != np.uint8 and p.dtype != np.float32:
+        p = p.astype(np.float32)      # what the reference does first (also a non-native byte order)
+    if not (p.flags.c_contiguous and p.flags.writeable):
+        p = np.array(p, order="C")
+    return _cpp.motion_compensate(torch.from_numpy(p), d).numpy().reshape(prev.shape)
 
 
 def _pool_residual(r: np.ndarray, scale: int) -> np.ndarray:
@@ -238,7 +312,7 @@ def _import_av():
 
 def decode_compressed(path: PathLike, gop: Optional[int] = None, residual: str = "luma", residual_scale: int = 2,
                       mv_mask: bool = False, max_gops: Optional[int] = None,
-                      threads: Optional[int] = None) -> CompressedClip:
+                      threads: Optional[int] = None, impl: Optional[str] = None) -> CompressedClip:
     """Decode a video file into compressed-domain tensors (see the module docstring for the formulation).
 
     GOP k is every frame from the k-th I-frame up to (not including) the next one, so irregular GOP structures work;
@@ -253,6 +327,8 @@ def decode_compressed(path: PathLike, gop: Optional[int] = None, residual: str =
         max_gops: keep only the first ``max_gops`` GOPs (decoding stops at the next I-frame); ValueError if the file
             has fewer.
         threads: decoder threads (None: FFmpeg's default; 1 is fastest for small clips in worker processes).
+        impl: MV / motion-compensation implementation, as in ``mv_rasterize`` (None: the module's ``MV_IMPL``); the
+            outputs are identical either way.
 
     Raises:
         FileNotFoundError: no such file.
@@ -269,6 +345,7 @@ def decode_compressed(path: PathLike, gop: Optional[int] = None, residual: str =
         raise ValueError(f"residual_scale must divide {MV_CELL}, got {residual_scale}")
     if max_gops is not None and max_gops < 1:
         raise ValueError(f"max_gops must be >= 1, got {max_gops}")
+    cpp = _use_cpp(impl)
     reencode = (f"re-encode it without B-frames, e.g. ffmpeg -i {path} -c:v mpeg4 -q:v 2 -bf 0 -g 12 OUT.avi "
                 "(or -c:v libx264 -bf 0 -refs 1 -sc_threshold 0 -g 12 -keyint_min 12 OUT.mp4)")
 
@@ -309,12 +386,12 @@ def decode_compressed(path: PathLike, gop: Optional[int] = None, residual: str =
                                      "an I-frame); lrkern never drops frames silently: " + reencode)
                 sd = frame.side_data.get("MOTION_VECTORS")
                 rec = sd.to_ndarray() if sd is not None else None
-                d, valid = displacement_grid(rec, H, W)
-                mvs.append(_rasterize_grid(d, valid, mv_mask))
+                d, valid = _grids(rec, H, W, cpp)
+                mvs.append(_rasterize(d, valid, mv_mask, cpp))
                 cur = _luma(frame) if residual == "luma" else frame.to_ndarray(format="rgb24")
                 c = cur[..., None] if cur.ndim == 2 else cur
                 p = prev[..., None] if prev.ndim == 2 else prev
-                ress.append(_pool_residual(c.astype(np.float32) - _compensate_grid(p, d), residual_scale))
+                ress.append(_pool_residual(c.astype(np.float32) - _compensate(p, d, cpp), residual_scale))
                 gop_index.append(len(iframes) - 1)
             if cur is None:  # an I-frame in RGB residual mode
                 cur = iframes[-1].transpose(1, 2, 0)

@@ -84,3 +84,25 @@ def stm_backward(grad_s: torch.Tensor, grad_v_last: torch.Tensor, u, v0: torch.T
                                 grad_params, rho, v_reset, soft_reset, decay_input, detach_reset, surrogate_kind,
                                 alpha)
     return grad_u, grad_v0, grad_params
+
+
+def mv_displacement(records: torch.Tensor, H: int, W: int):
+    """int32 records [N, 8] (lrkern.data.compressed.MV_FIELDS columns) -> (d float32 [H/4, W/4, 2], valid bool)."""
+    d = _alloc.empty((H // 4, W // 4, 2), torch.float32, records.device)
+    valid = _alloc.empty((H // 4, W // 4), torch.bool, records.device)
+    _ext.cpp().mv_displacement_out(records, d, valid)
+    return d, valid
+
+
+def mv_pool(d: torch.Tensor, valid: torch.Tensor, mask: bool) -> torch.Tensor:
+    """-> the MV tensor float32 [2 | 3, H/16, W/16]."""
+    out = _alloc.empty((3 if mask else 2, d.shape[0] // 4, d.shape[1] // 4), torch.float32, d.device)
+    _ext.cpp().mv_pool_out(d, valid, out)
+    return out
+
+
+def motion_compensate(prev: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """prev uint8 / float32 [H, W, C] -> float32 [H, W, C]."""
+    out = _alloc.empty(prev.shape, torch.float32, prev.device)
+    _ext.cpp().motion_compensate_out(prev, d, out)
+    return out
