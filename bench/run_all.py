@@ -19,7 +19,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from bench import bench_decode, bench_hadamard, bench_lance_ops, bench_quant
+from bench import bench_asm_quant, bench_decode, bench_hadamard, bench_lance_ops, bench_quant
 from bench.common import (
     CPU_CACHE_MODES,
     bench_backends,
@@ -35,7 +35,8 @@ from bench.common import (
 # (model, B, T, provider) measurements with speed-ups against SDPA, not the op rows of common.Row.
 BENCHES = {"hadamard": ("hadamard", bench_hadamard), "quant": ("quant_pack / dequant", bench_quant),
            "lance": ("lance_project / mode_gram_accumulate / LANCE layer steps", bench_lance_ops),
-           "decode": ("decode attention", bench_decode)}
+           "decode": ("decode attention", bench_decode),
+           "asm_quant": ("asm_project / asm_fake_quant (alphabet-set projection)", bench_asm_quant)}
 
 
 @dataclass

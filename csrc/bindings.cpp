@@ -44,4 +44,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("motion_compensate_out", &lrkern::cpu::motion_compensate_out,
         "bilinear motion compensation of prev [H, W, C] by the displacement grid", py::arg("prev"), py::arg("d"),
         py::arg("out"));
+  m.def("asm_gemm_emulate_out", &lrkern::cpu::asm_gemm_emulate_out,
+        "ASM shift-add datapath emulation (bank, mux, shift, add, sign, int32 accumulate)", py::arg("x"), py::arg("w"),
+        py::arg("alphabet"), py::arg("w_bits"), py::arg("out"));
+  m.def("asm_gemm_fast_out", &lrkern::cpu::asm_gemm_fast_out,
+        "ASM fast path: int8 x int8 -> int32 GEMM of the projected integers", py::arg("x"), py::arg("w"),
+        py::arg("w_bits"), py::arg("a_bits"), py::arg("out"));
+  m.def("asm_project_out", &lrkern::cpu::asm_project_out, "ASM alphabet-set projection -> int16 w_int",
+        py::arg("w"), py::arg("scale"), py::arg("mid"), py::arg("delta"), py::arg("mag"), py::arg("out"),
+        py::arg("inner"), py::arg("n_mid"), py::arg("w_bits"));
+  m.def("asm_fake_quant_out", &lrkern::cpu::asm_fake_quant_out, "ASM fake quantization w_hat = s * w_int",
+        py::arg("w"), py::arg("scale"), py::arg("mid"), py::arg("delta"), py::arg("mag"), py::arg("out"),
+        py::arg("inner"), py::arg("n_mid"), py::arg("w_bits"));
+  m.def("asm_fake_quant_backward_out", &lrkern::cpu::asm_fake_quant_backward_out,
+        "ASM fake quantization backward: clipped STE to w, LSQ gradient to the scale", py::arg("grad"), py::arg("w"),
+        py::arg("scale"), py::arg("mid"), py::arg("delta"), py::arg("mag"), py::arg("grad_w"), py::arg("grad_scale"),
+        py::arg("inner"), py::arg("n_mid"), py::arg("w_bits"), py::arg("r_max"), py::arg("gscale"));
+  m.def("asm_decompose_out", &lrkern::cpu::asm_decompose_out,
+        "ASM code bytes per quartet; returns the first offending flat index (numel if none)", py::arg("w_int"),
+        py::arg("code"), py::arg("codes"), py::arg("w_bits"));
 }

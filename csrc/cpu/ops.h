@@ -71,4 +71,30 @@ void mv_pool_out(const at::Tensor& d, const at::Tensor& valid, at::Tensor& out);
 // clip(pixel - d, 0, size - 1) (fp64 blend, one rounding to fp32, as the NumPy reference).
 void motion_compensate_out(const at::Tensor& prev, const at::Tensor& d, at::Tensor& out);
 
+// ASM GEMMs (see lrkern/reference/asm_gemm.py): x [M, K] uint8/int16/int32 (values in [0, 2^a_bits - 1]),
+// w [N, K] int16, out int32 [M, N]. asm_gemm_emulate_out: the shift-add datapath (bank, mux, shift, add, sign) for the
+// sorted alphabet; asm_gemm_fast_out: int8 x int8 -> int32 GEMM (x - 128 offset for a_bits 8, quartet planes for
+// w_bits 8). Both bit-identical to the int64 reference within the op's bound K * r_max * (2^a_bits - 1) < 2^30.
+void asm_gemm_emulate_out(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& alphabet,
+                          int64_t w_bits, at::Tensor& out);
+void asm_gemm_fast_out(const at::Tensor& x, const at::Tensor& w, int64_t w_bits, int64_t a_bits, at::Tensor& out);
+
+// ASM alphabet-set projection (see lrkern/reference/asm_quant.py); tables from lrkern.asm.alphabet.kernel_tables:
+// mid fp32 [256], delta and mag int32 [256]. w [P, C, inner] fp32/fp16/bf16 contiguous, scale fp32 [C].
+// out int16 w_int = sign(w) * P(|w| / s), bit-identical to the reference.
+void asm_project_out(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& mid, const at::Tensor& delta,
+                     const at::Tensor& mag, at::Tensor& out, int64_t inner, int64_t n_mid, int64_t w_bits);
+// out in w's dtype: w_hat = dtype(s * w_int).
+void asm_fake_quant_out(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& mid, const at::Tensor& delta,
+                        const at::Tensor& mag, at::Tensor& out, int64_t inner, int64_t n_mid, int64_t w_bits);
+// grad_w = grad where u <= r_max else 0 (w's dtype); grad_scale fp32 [C] = gscale * per-channel sums of
+// grad * sign(w) * (P(u) - u or r_max), reduced in a fixed order (deterministic for any thread count).
+void asm_fake_quant_backward_out(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& scale,
+                                 const at::Tensor& mid, const at::Tensor& delta, const at::Tensor& mag,
+                                 at::Tensor& grad_w, at::Tensor& grad_scale, int64_t inner, int64_t n_mid,
+                                 int64_t w_bits, double r_max, double gscale);
+// codes uint8 [..., Q] of w_int int16 (code: int32 [16] byte per quartet value, -1 where not representable);
+// returns the first offending flat index, or numel.
+int64_t asm_decompose_out(const at::Tensor& w_int, const at::Tensor& code, at::Tensor& codes, int64_t w_bits);
+
 }  // namespace lrkern::cpu

@@ -18,3 +18,10 @@ __all__ = ["hadamard", "kv_attention", "quant_pack", "dequant", "mode_gram_accum
            "lance_linear_wgrad", "lance_conv2d_wgrad", "lance_linear", "lance_conv2d", "lif_multistep",
            "lif_multistep_backward", "stm_multistep", "stm_multistep_backward", "use_backend", "select_backend",
            "available_backends"]
+from lrkern.ops.asm_quant import asm_decompose, asm_fake_quant, asm_fake_quant_backward, asm_project  # noqa: E402
+
+__all__ += ["asm_project", "asm_fake_quant", "asm_fake_quant_backward", "asm_decompose"]
+
+from lrkern.ops.asm_gemm import asm_gemm, asm_gemm_emulate  # noqa: E402
+
+__all__ += ["asm_gemm_emulate", "asm_gemm"]

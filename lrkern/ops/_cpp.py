@@ -86,6 +86,71 @@ def stm_backward(grad_s: torch.Tensor, grad_v_last: torch.Tensor, u, v0: torch.T
     return grad_u, grad_v0, grad_params
 
 
+def asm_gemm_emulate(x: torch.Tensor, w: torch.Tensor, alphabet: list[int], w_bits: int, a_bits: int):
+    """-> int32 [M, N]: the ASM shift-add datapath (x [M, K] uint8/int16/int32, w [N, K] int16)."""
+    out = _alloc.empty((x.shape[0], w.shape[0]), torch.int32, x.device)
+    _ext.cpp().asm_gemm_emulate_out(x, w, list(alphabet), w_bits, out)
+    return out
+
+
+def asm_gemm(x: torch.Tensor, w: torch.Tensor, w_bits: int, a_bits: int):
+    """-> int32 [M, N]: the ASM fast path (int8 x int8 -> int32 GEMM; x - 128 offset, quartet planes)."""
+    out = _alloc.empty((x.shape[0], w.shape[0]), torch.int32, x.device)
+    _ext.cpp().asm_gemm_fast_out(x, w, w_bits, a_bits, out)
+    return out
+
+
+def _asm_tables(alphabet, w_bits, device):
+    from lrkern.asm.alphabet import kernel_tables
+
+    return kernel_tables(alphabet, w_bits, device)
+
+
+def asm_project(w: torch.Tensor, scale: torch.Tensor, inner: int, alphabet, w_bits: int):
+    """-> int16 w_int, w's shape (alphabet-set projection)."""
+    t = _asm_tables(alphabet, w_bits, w.device)
+    out = _alloc.empty(w.shape, torch.int16, w.device)
+    if w.numel() == 0:
+        return out
+    _ext.cpp().asm_project_out(w, scale, t.mid, t.delta, t.mag, out, inner, t.n_mid, w_bits)
+    return out
+
+
+def asm_fake_quant(w: torch.Tensor, scale: torch.Tensor, inner: int, alphabet, w_bits: int):
+    """-> w_hat = dtype(s * w_int), w's dtype and shape."""
+    t = _asm_tables(alphabet, w_bits, w.device)
+    out = _alloc.empty(w.shape, w.dtype, w.device)
+    if w.numel() == 0:
+        return out
+    _ext.cpp().asm_fake_quant_out(w, scale, t.mid, t.delta, t.mag, out, inner, t.n_mid, w_bits)
+    return out
+
+
+def asm_fake_quant_backward(grad: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, inner: int, alphabet,
+                            w_bits: int):
+    """-> (grad_w in w's dtype, grad_scale fp32 [C])."""
+    from lrkern.reference.asm_quant import gscale
+
+    t = _asm_tables(alphabet, w_bits, w.device)
+    grad_w = _alloc.empty(w.shape, w.dtype, w.device)
+    grad_scale = _alloc.empty(scale.shape, torch.float32, w.device)
+    if w.numel() == 0:
+        return grad_w, grad_scale.zero_()
+    _ext.cpp().asm_fake_quant_backward_out(grad, w, scale, t.mid, t.delta, t.mag, grad_w, grad_scale, inner, t.n_mid,
+                                           w_bits, float(t.r_max), gscale(w.numel(), scale.numel(), t.r_max))
+    return grad_w, grad_scale
+
+
+def asm_decompose(w_int: torch.Tensor, alphabet, w_bits: int):
+    """-> (codes uint8 [..., Q], first offending flat index or numel as an int64 0-dim tensor)."""
+    t = _asm_tables(alphabet, w_bits, w_int.device)
+    codes = _alloc.empty((*w_int.shape, w_bits // 4), torch.uint8, w_int.device)
+    first = _ext.cpp().asm_decompose_out(w_int, t.code, codes, w_bits)
+    return codes, torch.tensor(first, dtype=torch.int64)
+
+
+# ------------------------------------------------------------------------------------------ compressed-domain video
+
 def mv_displacement(records: torch.Tensor, H: int, W: int):
     """int32 records [N, 8] (lrkern.data.compressed.MV_FIELDS columns) -> (d float32 [H/4, W/4, 2], valid bool)."""
     d = _alloc.empty((H // 4, W // 4, 2), torch.float32, records.device)
