@@ -6,7 +6,7 @@ encoded with the real MPEG-4 Part 2 codec through PyAV and decoded back into I-f
 I-frame-only model is the leakage check: it must stay within 10 points of chance (12.5%).
 
 Models (``lrkern.spiking.video.CompressedVideoNet``, D = 128, L_u = 2, L_s = 2), trained with the recipe of
-``lrkern.spiking.train`` for 5 epochs (full and iframe_only from seeds 0..2, the ablations from seed 0); the
+``lrkern.spiking.train`` for 3 epochs (full and iframe_only from seeds 0..2, the ablations from seed 0); the
 best-validation epoch is evaluated on the test split:
 - ``full``: I-frames + P-frames, STM (dynamic threshold, I-frame gain);  ``full_lif``: plain LIF instead of the STM;
   ``full_relu``: a non-spiking P path;  ``iframe_only`` and ``pframe_only``.
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="full,iframe_only,full_relu,full_lif,pframe_only")
     p.add_argument("--seeds", default="0,1,2", help="seeds of full and iframe_only")
     p.add_argument("--ablation-seeds", default="0", help="seeds of the other models (no threshold applies to them)")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--per-class", default="200,40,40", help="train,val,test clips per class")
     p.add_argument("--codec", default="mpeg4", choices=("mpeg4", "libx264"))
