@@ -1,0 +1,251 @@
+"""Full-precision training, alphabet-aware QAT fine-tuning and evaluation (spec ``asm.md`` sections 3.5 and 7).
+
+Recipe (lrkern formulation; the paper's recipe is not public):
+
+1. Full precision (``fp_checkpoint``): ``ResNetCNN(blocks_per_stage)``, SGD (momentum 0.9, Nesterov, weight decay
+   5e-4), lr ``Recipe.lr`` with a per-step cosine decay to 0, batch 128 shuffled with the seed, cross-entropy. Trained
+   once per (data set, training size, recipe, seed) and cached as safetensors in ``$LRKERN_CACHE_DIR`` (default
+   ``~/.cache/lrkern``), with its test accuracy in the metadata.
+2. QAT (``qat``): a copy of the FP model converted by ``lrkern.asm.convert`` (first and last layers float unless
+   ``all_layers``), activation scales calibrated on ``calib_batches`` batches in eval mode (BN statistics untouched),
+   then ``qat_epochs`` epochs in "train" mode (fake quantization, clipped STE) with the same optimizer at 1/10 of the
+   FP learning rate, cosine schedule; BatchNorm stays float and keeps training; the activation EMA scales are frozen
+   at the end of the first QAT epoch. Epoch counts may be fractional (``StepLoader``), for CPU budgets. Learned
+   scales (``scale="lsq"``) are excluded from weight decay.
+3. Evaluation (``evaluate``): top-1 test accuracy in a given mode ("train" = fake quantization, "exact" = integer
+   GEMM, "emulate" = shift-add datapath).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from lrkern.asm.models import ResNetCNN
+from lrkern.asm.modules import asm_layers, convert, set_mode
+from lrkern.asm.quant_act import ActQuantizer, calibrating, freeze_act_scales
+from lrkern.lance.training import accuracy, default_cache_dir, train_epochs
+from lrkern.vision_data import (FASHION_MNIST_MEAN_STD, MNIST_MEAN_STD, batches, fashion_mnist, mnist_test,
+                                split)
+
+FP_VERSION = "v1"
+DATASETS = ("fashion", "mnist")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Training settings shared by every arm (FP pretraining and QAT)."""
+
+    fp_epochs: float = 2        # may be fractional: round(epochs * batches per epoch) steps
+    qat_epochs: float = 1
+    batch: int = 128
+    lr: float = 0.05            # FP learning rate; QAT uses lr * qat_lr_factor
+    qat_lr_factor: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    calib_batches: int = 20
+    blocks_per_stage: int = 1
+
+    def __post_init__(self):
+        if not (self.fp_epochs > 0 and self.qat_epochs > 0):
+            raise ValueError(f"fp_epochs={self.fp_epochs} and qat_epochs={self.qat_epochs} must be positive")
+        if self.batch < 1 or not self.lr > 0 or self.calib_batches < 0:
+            raise ValueError("batch must be >= 1, lr > 0 and calib_batches >= 0")
+
+
+def load_data(dataset: str = "fashion", n_train: Optional[int] = None, n_test: Optional[int] = None,
+              root: Optional[Union[str, os.PathLike]] = None):
+    """``((x_train, y_train), (x_test, y_test), (mean, std))``.
+
+    ``"fashion"``: Fashion-MNIST 60k/10k (Debian package ``dataset-fashion-mnist``); ``"mnist"``: the MNIST test set
+    split 8k train / 2k test (seed 0). ``n_train`` / ``n_test`` keep the first examples only (a quick run)."""
+    if dataset == "fashion":
+        train, test, norm = fashion_mnist("train", root), fashion_mnist("test", root), FASHION_MNIST_MEAN_STD
+    elif dataset == "mnist":
+        images, labels = mnist_test(root)
+        train, test = split(images, labels, 8000, seed=0)
+        norm = MNIST_MEAN_STD
+    else:
+        raise ValueError(f"dataset={dataset!r} is not supported; accepted: {', '.join(DATASETS)}")
+    if n_train is not None:
+        train = (train[0][:n_train], train[1][:n_train])
+    if n_test is not None:
+        test = (test[0][:n_test], test[1][:n_test])
+    return train, test, norm
+
+
+class StepLoader:
+    """``round(epochs * len(loader))`` batches of ``loader`` (at least 1), re-iterating it (a new shuffle each pass)
+    as often as needed: fractional epochs for ``train_epochs(model, StepLoader(loader, e), 1, ...)``, whose cosine
+    schedule then spans exactly these steps."""
+
+    def __init__(self, loader, epochs: float):
+        self.loader = loader
+        self.total = max(1, round(epochs * len(loader)))
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __iter__(self):
+        n = 0
+        while n < self.total:
+            for batch in self.loader:
+                yield batch
+                n += 1
+                if n >= self.total:
+                    return
+
+
+def _optimizer(params, lr: float, recipe: Recipe) -> torch.optim.Optimizer:
+    params = list(params)
+    # Scales (LSQ weight scales and activation scales) take no weight decay.
+    scale_ids = set()
+    for p in params:
+        if getattr(p, "_asm_scale", False):
+            scale_ids.add(id(p))
+    decay = [p for p in params if id(p) not in scale_ids]
+    no_decay = [p for p in params if id(p) in scale_ids]
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=True)
+
+
+def fp_cache_path(dataset: str, n_train: int, seed: int, recipe: Recipe,
+                  cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return folder / (f"asm-resnet-b{recipe.blocks_per_stage}-{dataset}-n{n_train}-sgd{recipe.lr:g}-"
+                     f"m{recipe.momentum:g}-wd{recipe.weight_decay:g}-b{recipe.batch}-e{recipe.fp_epochs:g}-s{seed}-"
+                     f"{FP_VERSION}.safetensors")
+
+
+def fp_checkpoint(train, test, seed: int = 0, recipe: Recipe = Recipe(), dataset: str = "fashion",
+                  cache_dir: Optional[Union[str, os.PathLike]] = None, verbose: bool = True
+                  ) -> tuple[nn.Module, dict]:
+    """The FP ``ResNetCNN`` trained by the recipe (cached), in eval mode on the CPU, and its info
+    (``test_accuracy``, ``train_seconds``, ``cached``)."""
+    from safetensors.torch import load_file, save_file
+
+    path = fp_cache_path(dataset, int(train[0].shape[0]), seed, recipe, cache_dir)
+    if path.is_file():
+        model = ResNetCNN(blocks_per_stage=recipe.blocks_per_stage)
+        model.load_state_dict(load_file(path))
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        model.eval()
+        acc = float(meta["test_accuracy"]) if "test_accuracy" in meta else accuracy(model, *test)
+        return model, {"test_accuracy": acc, "train_seconds": float(meta.get("train_seconds", "nan")),
+                       "cached": True, "path": str(path)}
+    torch.manual_seed(seed)
+    model = ResNetCNN(blocks_per_stage=recipe.blocks_per_stage)
+    loader = batches(*train, recipe.batch, shuffle=True, seed=seed)
+    t0 = time.perf_counter()
+    log = train_epochs(model, StepLoader(loader, recipe.fp_epochs), 1, lambda p: _optimizer(p, recipe.lr, recipe),
+                       "cosine")
+    train_s = time.perf_counter() - t0
+    model.eval()
+    acc = accuracy(model, *test)
+    if verbose:
+        print(f"lrkern.asm: FP seed {seed}: test accuracy {acc:.2f}% after {recipe.fp_epochs:g} epochs, "
+              f"{train_s:.0f} s ({log.median_step_ms:.0f} ms/step); cached in {path}", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp, metadata={"dataset": dataset, "seed": str(seed), "recipe": str(asdict(recipe)),
+                                    "test_accuracy": f"{acc:.4f}", "train_seconds": f"{train_s:.1f}",
+                                    "version": FP_VERSION, "torch": torch.__version__})
+    tmp.replace(path)
+    return model, {"test_accuracy": acc, "train_seconds": train_s, "cached": False, "path": str(path),
+                   "median_step_ms": log.median_step_ms, "steps": len(log.losses)}
+
+
+def calibrate(model: nn.Module, loader, num_batches: int) -> None:
+    """Initialise the activation scales from ``num_batches`` batches in eval mode (BN statistics untouched)."""
+    was_training = model.training
+    model.eval()
+    p = next(model.parameters())
+    with torch.no_grad(), calibrating(model):
+        for x, _ in itertools.islice(loader, num_batches):
+            model(x.to(p.device))
+    model.train(was_training)
+
+
+def qat(fp_model: nn.Module, alphabet, train, seed: int = 0, recipe: Recipe = Recipe(), w_bits: int = 4,
+        a_bits: int = 4, scale: str = "max", act_scale: str = "ema", all_layers: bool = False,
+        input_norm=None, prepare=None, verbose: bool = True) -> tuple[nn.Module, dict]:
+    """Alphabet-aware QAT of a copy of ``fp_model`` (see the module docstring); returns the model (in "train" mode,
+    eval) and its info (``train_seconds``, ``median_step_ms``, ``final_loss``). ``prepare(model)``, if given, runs
+    right after the conversion (e.g. to swap the weight quantizer of a baseline)."""
+    model = copy.deepcopy(fp_model)
+    convert(model, alphabet, w_bits, a_bits, all_layers=all_layers, scale=scale, act_scale=act_scale,
+            input_norm=input_norm)
+    if prepare is not None:
+        prepare(model)
+    for _, layer in asm_layers(model):
+        for q in [layer.act]:
+            if isinstance(q.scale, nn.Parameter):
+                q.scale._asm_scale = True
+        if isinstance(getattr(layer, "w_scale", None), nn.Parameter):
+            layer.w_scale._asm_scale = True
+    torch.manual_seed(seed)
+    loader = batches(*train, recipe.batch, shuffle=True, seed=seed + 1000)
+    calibrate(model, loader, recipe.calib_batches)
+    steps = StepLoader(loader, recipe.qat_epochs)
+    freeze_at = min(len(loader), len(steps)) - 1
+
+    def after_step(step: int, m: nn.Module) -> None:
+        if step == freeze_at:  # the end of the first QAT epoch (or of QAT, if shorter)
+            freeze_act_scales(m)
+
+    t0 = time.perf_counter()
+    log = train_epochs(model, steps, 1, lambda p: _optimizer(p, recipe.lr * recipe.qat_lr_factor, recipe),
+                       "cosine", step_callback=after_step)
+    train_s = time.perf_counter() - t0
+    model.eval()
+    unfrozen = [q for q in model.modules() if isinstance(q, ActQuantizer) and not bool(q.frozen)]
+    if unfrozen:
+        raise RuntimeError(f"{len(unfrozen)} activation quantizers were never calibrated (unused layers?)")
+    info = {"train_seconds": train_s, "median_step_ms": log.median_step_ms, "steps": len(steps),
+            "final_loss": statistics.fmean(log.losses[-min(50, len(log.losses)):])}
+    if verbose:
+        print(f"lrkern.asm: QAT {alphabet} seed {seed}: {recipe.qat_epochs:g} epochs, {train_s:.0f} s "
+              f"({log.median_step_ms:.0f} ms/step), final loss {info['final_loss']:.4f}", flush=True)
+    return model, info
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mode: str = "train",
+             batch_size: int = 500) -> float:
+    """Top-1 accuracy (%) with every ASM layer in ``mode``; the layers' previous modes are restored."""
+    layers = list(asm_layers(model))
+    saved = [m.mode for _, m in layers]
+    set_mode(model, mode)
+    try:
+        return accuracy(model, images, labels, batch_size=batch_size)
+    finally:
+        for (_, m), s in zip(layers, saved):
+            m.mode = s
+
+
+@torch.no_grad()
+def logits(model: nn.Module, images: torch.Tensor, mode: str) -> torch.Tensor:
+    """The model's logits on ``images`` in eval mode with every ASM layer in ``mode`` (modes restored)."""
+    layers = list(asm_layers(model))
+    saved = [m.mode for _, m in layers]
+    was_training = model.training
+    set_mode(model, mode)
+    model.eval()
+    try:
+        return model(images)
+    finally:
+        model.train(was_training)
+        for (_, m), s in zip(layers, saved):
+            m.mode = s
