@@ -26,3 +26,21 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None
     assert not torch.isnan(out).any(), "NaN in output (unwritten memory is poisoned with NaN)"
     r = err_ratio(out, ref)
     assert r <= TOLERANCE[dtype], f"error ratio {r:.3g} > {TOLERANCE[dtype]:.3g} for {dtype}"
+
+
+class SurrogateSpike(torch.autograd.Function):
+    """Heaviside with a surrogate derivative: an independent statement of the spiking neurons (SpikingJelly's
+    LIFNode order) for autograd, against which the hand-derived LIF and STM backward references are checked."""
+
+    @staticmethod
+    def forward(ctx, z, kind, alpha):
+        ctx.save_for_backward(z)
+        ctx.kind, ctx.alpha = kind, alpha
+        return (z >= 0).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        from lrkern.reference.lif import surrogate
+
+        (z,) = ctx.saved_tensors
+        return g * surrogate(z, ctx.kind, ctx.alpha), None, None

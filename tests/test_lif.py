@@ -9,7 +9,7 @@ import torch
 import lrkern
 from lrkern.reference import lif as R
 from lrkern.spiking import LIF
-from tests.helpers import DTYPE_IDS, DTYPES, TOLERANCE, err_ratio
+from tests.helpers import DTYPE_IDS, DTYPES, TOLERANCE, SurrogateSpike, err_ratio
 
 # The `backend` fixture also runs lrkern's CUDA C backend (CuPy) here, where a GPU and CuPy are present.
 CUDA_C_OPS = True
@@ -21,27 +21,12 @@ OPTS = [  # (v_reset (None = soft), decay_input, detach_reset, surrogate)
 OPT_IDS = ["hard", "hard-detach-atan", "soft-atan", "soft-nodecay-detach", "hard-vr-nodecay"]
 
 
-class _Spike(torch.autograd.Function):
-    """Heaviside with a surrogate derivative: an independent statement of SpikingJelly's neuron for autograd."""
-
-    @staticmethod
-    def forward(ctx, z, kind, alpha):
-        ctx.save_for_backward(z)
-        ctx.kind, ctx.alpha = kind, alpha
-        return (z >= 0).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        (z,) = ctx.saved_tensors
-        return g * R.surrogate(z, ctx.kind, ctx.alpha), None, None
-
-
 def _autograd_loop(x, v0, tau, vth, v_reset, decay_input, detach_reset, kind, alpha):
     vr = 0.0 if v_reset is None else v_reset
     v, spikes, vs = v0, [], []
     for t in range(x.shape[0]):
         h = v + (x[t] - (v - vr)) / tau if decay_input else v - (v - vr) / tau + x[t]
-        s = _Spike.apply(h - vth, kind, alpha)
+        s = SurrogateSpike.apply(h - vth, kind, alpha)
         sr = s.detach() if detach_reset else s
         v = h - vth * sr if v_reset is None else h * (1 - sr) + v_reset * sr
         spikes.append(s)

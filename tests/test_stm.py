@@ -9,10 +9,9 @@ import torch
 
 import lrkern
 from lrkern.reference import stm as R
-from lrkern.reference.lif import surrogate
 from lrkern.spiking import LIF
 from lrkern.spiking.stm import STM
-from tests.helpers import DTYPE_IDS, DTYPES, TOLERANCE, err_ratio
+from tests.helpers import DTYPE_IDS, DTYPES, TOLERANCE, SurrogateSpike, err_ratio
 
 RHO = math.exp(-0.25)
 OPTS = [  # (v_reset (None = soft), decay_input, detach_reset, surrogate)
@@ -21,21 +20,6 @@ OPTS = [  # (v_reset (None = soft), decay_input, detach_reset, surrogate)
 ]
 OPT_IDS = ["hard", "hard-detach-atan", "soft-atan", "soft-nodecay-detach", "hard-vr-nodecay", "soft-detach"]
 GRAD_NAMES = ("u", "v0", "gain", "tau", "theta0", "beta")
-
-
-class _Spike(torch.autograd.Function):
-    """Heaviside with a surrogate derivative: an independent statement of the neuron for autograd."""
-
-    @staticmethod
-    def forward(ctx, z, kind, alpha):
-        ctx.save_for_backward(z)
-        ctx.kind, ctx.alpha = kind, alpha
-        return (z >= 0).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        (z,) = ctx.saved_tensors
-        return g * surrogate(z, ctx.kind, ctx.alpha), None, None
 
 
 def _autograd_loop(u, v0, gain, tau, theta0, beta, rho, v_reset, decay_input, detach_reset, kind, alpha):
@@ -49,7 +33,7 @@ def _autograd_loop(u, v0, gain, tau, theta0, beta, rho, v_reset, decay_input, de
         x = u[t] if gain is None else gain.unsqueeze(-1) * u[t]
         h = v + (x - (v - vr)) / tc if decay_input else v - (v - vr) / tc + x
         theta = th0 if beta is None else th0 + beta.view(1, -1, 1) * a
-        s = _Spike.apply(h - theta, kind, alpha)
+        s = SurrogateSpike.apply(h - theta, kind, alpha)
         sr = s.detach() if detach_reset else s
         v = h - theta * sr if v_reset is None else h * (1 - sr) + v_reset * sr
         a = rho * a + s

@@ -25,6 +25,7 @@
 
 #include "convert.h"
 #include "fast_math.h"
+#include "flags.h"
 #include "ops.h"
 
 namespace lrkern::cpu {
@@ -33,15 +34,6 @@ namespace {
 // Neurons per block: the fp32 state and row buffers of a block (5 x 2 KiB in the backward) stay in L1, and each
 // row segment read or written per time step is two pages' worth of contiguous memory for the prefetchers.
 constexpr int64_t kBlock = 512;
-
-template <typename F>
-inline void dispatch_bool(bool b, F&& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
 
 // The reference's Python-float constants as torch uses them in fp32 ops.
 struct LifConsts {

@@ -33,6 +33,7 @@
 
 #include "convert.h"
 #include "fast_math.h"
+#include "flags.h"
 #include "ops.h"
 
 namespace lrkern::cpu {
@@ -40,15 +41,6 @@ namespace {
 
 // Neurons per chunk: the backward's 19 fp32 chunk buffers (lanes included) take 38 KiB, its trace scratch T * 2 KiB.
 constexpr int64_t kBlock = 512;
-
-template <typename F>
-inline void dispatch_bool(bool b, F&& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
 
 // The reference's Python-float constants as torch uses them in fp32 ops.
 struct StmConsts {
