@@ -27,7 +27,7 @@ lance: setup
 video-demo: setup
 	.venv/bin/lrkern video demo
 
-# The experiment of bench/results/video_model.{json,md}: 5 models on the 2240-clip synthetic set (~45 min on 2 cores,
+# The experiment of bench/results/video_model.{json,md}: 5 models on the 2240-clip synthetic set (~25 min on 2 idle cores,
 # plus ~2 min to build the set once).
 video: setup
 	$(PY) bench/video_model.py
