@@ -25,7 +25,7 @@
 
 #include "convert.h"
 #include "fast_math.h"
-#include "flags.h"
+#include "neuron.h"
 #include "ops.h"
 
 namespace lrkern::cpu {
@@ -58,21 +58,6 @@ LifConsts make_consts(double tau, double v_threshold, double v_reset, bool soft_
   c.atan_half = static_cast<float>(alpha / 2.0);
   c.carry_k = static_cast<float>(1.0 - 1.0 / tau);
   return c;
-}
-
-// surrogate(d) of the reference, d = h - v_threshold. 0 = sigmoid: alpha sg (1 - sg), sg = 1 / (1 + exp(-alpha d));
-// 1 = atan: reciprocal(1 + (pi/2 alpha d)^2) * (alpha / 2) (Python's float / tensor is reciprocal() * float).
-template <bool ATAN>
-inline float surrogate(float d, const LifConsts& c) {
-  if constexpr (ATAN) {
-    const float u = c.atan_c * d;
-    const float den = 1.0f + u * u;
-    return (1.0f / den) * c.atan_half;
-  } else {
-    const float z = c.alpha * d;
-    const float sg = 1.0f / (1.0f + exp_f32(0.0f - z));
-    return c.alpha * sg * (1.0f - sg);
-  }
 }
 
 // One time step over a block: x in, membrane v updated in place, h / s / v_seq out (all fp32).

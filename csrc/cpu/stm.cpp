@@ -33,7 +33,7 @@
 
 #include "convert.h"
 #include "fast_math.h"
-#include "flags.h"
+#include "neuron.h"
 #include "ops.h"
 
 namespace lrkern::cpu {
@@ -100,19 +100,6 @@ StmConsts make_consts(double rho, double v_reset, bool soft_reset, double alpha,
   return c;
 }
 
-// surrogate(d) of the reference, d = h - theta (as lif.cpp's).
-template <bool ATAN>
-inline float surrogate(float d, const StmConsts& c) {
-  if constexpr (ATAN) {
-    const float u = c.atan_c * d;
-    const float den = 1.0f + u * u;
-    return (1.0f / den) * c.atan_half;
-  } else {
-    const float z = c.alpha * d;
-    const float sg = 1.0f / (1.0f + exp_f32(0.0f - z));
-    return c.alpha * sg * (1.0f - sg);
-  }
-}
 
 // A row segment as fp32: the tensor's own memory for fp32, else widened into buf.
 template <typename T>

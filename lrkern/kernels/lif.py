@@ -66,17 +66,7 @@ def _lif_fwd_kernel(
     off = n  # int64 offset of element (t, n): T * N may exceed 2^31
     for _ in range(T):
         xt = to_f32(tl.load(x_ptr + off, mask=mask, other=0.0))
-        # Soft reset charges towards 0: (v - 0.0) is v, so the soft branches simply drop v_reset.
-        if DECAY_INPUT:
-            if SOFT_RESET:
-                h = v + tl.math.div_rn(xt - v, tau_b)
-            else:
-                h = v + tl.math.div_rn(xt - (v - v_reset), tau_b)
-        else:
-            if SOFT_RESET:
-                h = v - tl.math.div_rn(v, tau_b) + xt
-            else:
-                h = v - tl.math.div_rn(v - v_reset, tau_b) + xt
+        h = _charge(v, xt, tau_b, v_reset, DECAY_INPUT, SOFT_RESET)
         spike = h >= v_threshold
         if SOFT_RESET:
             v = tl.where(spike, h - v_threshold, h)
@@ -88,6 +78,23 @@ def _lif_fwd_kernel(
             tl.store(v_seq_ptr + off, v, mask=mask)
         off += N
     tl.store(v_last_ptr + n, v, mask=mask)
+
+
+@triton.jit
+def _charge(v, x, tau_b, v_reset, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr):
+    """H from the membrane v and the input x, in the reference's order (IEEE division by tau; shared with the STM).
+    Soft reset charges towards 0: (v - 0.0) is v, so the soft branches simply drop v_reset."""
+    if DECAY_INPUT:
+        if SOFT_RESET:
+            h = v + tl.math.div_rn(x - v, tau_b)
+        else:
+            h = v + tl.math.div_rn(x - (v - v_reset), tau_b)
+    else:
+        if SOFT_RESET:
+            h = v - tl.math.div_rn(v, tau_b) + x
+        else:
+            h = v - tl.math.div_rn(v - v_reset, tau_b) + x
+    return h
 
 
 @triton.jit

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 from lrkern.kernels._common import cast_rne, to_f32
-from lrkern.kernels.lif import _surrogate
+from lrkern.kernels.lif import _charge, _surrogate
 
 from lrkern._alloc import empty
 
@@ -82,17 +82,7 @@ def _stm_fwd_kernel(
         x = to_f32(tl.load(u_ptr + off, mask=mask, other=0.0))
         if HAS_GAIN:
             x = g * x
-        # Soft reset charges towards 0: (v - 0.0) is v, so the soft branches simply drop v_reset.
-        if DECAY_INPUT:
-            if SOFT_RESET:
-                h = v + tl.math.div_rn(x - v, tau_b)
-            else:
-                h = v + tl.math.div_rn(x - (v - v_reset), tau_b)
-        else:
-            if SOFT_RESET:
-                h = v - tl.math.div_rn(v, tau_b) + x
-            else:
-                h = v - tl.math.div_rn(v - v_reset, tau_b) + x
+        h = _charge(v, x, tau_b, v_reset, DECAY_INPUT, SOFT_RESET)
         if HAS_BETA:
             theta = theta0 + beta * a
         else:
