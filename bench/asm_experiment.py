@@ -3,7 +3,8 @@
 A small ResNet-style CNN (``lrkern.asm.ResNetCNN``, one basic block per stage) is trained in full precision on
 Fashion-MNIST (60k/10k, Debian package ``dataset-fashion-mnist``; ``--dataset mnist``: the MNIST test set split 8k/2k),
 then fine-tuned with alphabet-aware QAT (``lrkern.asm.train``: 1/10 of the FP learning rate, cosine, BN float,
-activation EMA scales frozen after the first QAT epoch, or at the end of a shorter QAT), W4A4 (``--w-bits 8 --a-bits
+activation EMA scales frozen after the first QAT epoch, or at the end of a shorter QAT, then the BN running statistics
+re-estimated on 100 training batches: ``lrkern.asm.train`` explains why), W4A4 (``--w-bits 8 --a-bits
 8`` for the W8A8 rows), first and last layers unconstrained. Arms: fp32 (the FP
 checkpoint), uniform 4-bit (the full odd set, which is exactly uniform symmetric quantization in the same code path),
 {1,3,5,7}, {1,3}, {1}; optional ``ao-uniform`` (weights fake-quantized by torch.ao's
@@ -19,8 +20,9 @@ fp32 row's is fp32 MACs (Horowitz 45 nm). Rows ``dataset, method, alphabet, bits
 energy_pj_per_inference`` (+ details) are merged into ``bench/results/asm.json`` under the key "accuracy" (other keys,
 such as "speed", are kept) and rendered into its section of ``bench/results/asm.md``.
 
-    .venv/bin/python bench/asm_experiment.py    # default: 3 seeds, FP 1 + QAT 0.4 epochs, ~38 min on 2 shared cores
-    .venv/bin/python bench/asm_experiment.py --fp-epochs 2 --qat-epochs 1     # longer (~90 min on 2 shared cores)
+    .venv/bin/python bench/asm_experiment.py    # default: 3 seeds, FP 2 + QAT 1 epochs, 6 arms
+    .venv/bin/python bench/asm_experiment.py --w-bits 8 --a-bits 8 --arms ao-uniform uniform 1357 13 1  # W8A8 rows
+    .venv/bin/python bench/asm_experiment.py --dataset mnist   # MNIST test set split 8k / 2k
     .venv/bin/python bench/asm_experiment.py --epochs 1 --seeds 1 --n-train 2000 --n-test 500 --no-record  # smoke
 """
 from __future__ import annotations
@@ -49,7 +51,7 @@ MD_BEGIN, MD_END = "<!-- asm_experiment:begin -->", "<!-- asm_experiment:end -->
 # arm -> (method, alphabet name)
 ARMS = {"fp32": ("fp32", None), "uniform": ("uniform", "odd"), "1357": ("asm", "1357"), "13": ("asm", "13"),
         "1": ("asm", "1"), "ao-uniform": ("ao-uniform", "odd")}
-DEFAULT_ARMS = ["fp32", "uniform", "1357", "13", "1"]
+DEFAULT_ARMS = ["fp32", "ao-uniform", "uniform", "1357", "13", "1"]
 ALPHABET_LABEL = {None: "-", "odd": "{1,3,...,15}", "1357": "{1,3,5,7}", "13": "{1,3}", "1": "{1}"}
 # Default epochs: chosen so that a whole default run (3 seeds, 5 arms, full Fashion-MNIST) fits about 40 minutes on
 # 2 shared CPU cores. Measured (torch 2.13 CPU, 2 threads, load ~4 from other jobs): FP 324 ms/step, QAT 400 ms/step
@@ -57,8 +59,8 @@ ALPHABET_LABEL = {None: "-", "odd": "{1,3,...,15}", "1357": "{1,3,5,7}", "13": "
 # check ~1 s. So one seed costs FP 1 epoch ~250 s + 4 arms x (0.4 epoch ~112 s + 17 s) ~ 760 s, and 3 seeds ~38 min
 # (less on an idle machine). FP 2 + QAT 1 epochs measured 494 s + 4 x 317 s per seed (88 min for 3 seeds). Each run
 # prints its own projection of the default run at the end.
-DEFAULT_FP_EPOCHS = 1
-DEFAULT_QAT_EPOCHS = 0.4
+DEFAULT_FP_EPOCHS = 2
+DEFAULT_QAT_EPOCHS = 1
 DEFAULT_EXACT_N = 2000
 
 
@@ -126,7 +128,8 @@ def aggregate(dataset: str, arm: str, runs: list[dict], args, recipe: Recipe, en
             row[k] = max(vals) if k.startswith("max_") else _mean(vals)
     row.update(n_train=args.n_train_actual, n_test=args.n_test_actual, fp_epochs=recipe.fp_epochs,
                qat_epochs=0 if method == "fp32" else recipe.qat_epochs, scale=args.scale, act_scale=args.act_scale,
-               blocks_per_stage=recipe.blocks_per_stage, **env)
+               blocks_per_stage=recipe.blocks_per_stage, act_freeze_epochs=recipe.act_freeze_epochs,
+               bn_batches_recipe=recipe.bn_batches, **env)
     return row
 
 
@@ -170,7 +173,9 @@ def markdown(rows: list[dict]) -> str:
     out = [MD_BEGIN, "## Accuracy and energy per inference (`bench/asm_experiment.py`)", "",
            "Small ResNet-style CNN (16/32/64, one block per stage), FP training then alphabet-aware QAT (W4A4 unless "
            "stated; first and last layer unconstrained, counted as 8x8-bit conventional layers in both designs). "
-           "Accuracy: mean over seeds of the test accuracy in train mode (fake quantization); exact: the same model "
+           "Accuracy: mean over seeds of the test accuracy in train mode (fake quantization), after the BN "
+           "re-estimation of `lrkern.asm.train.reestimate_bn` (next column: the same models with the BN "
+           "statistics training left, the ablation); exact: the same model "
            "on the integer GEMM path (the first test images); emulate == exact: the shift-add emulation's logits are "
            "bitwise equal to the exact path's on a test batch, every seed. Energy (pJ per inference, "
            "`lrkern.asm.energy`, Horowitz 45 nm, width-scaled; "
@@ -178,11 +183,12 @@ def markdown(rows: list[dict]) -> str:
            "uniform = conventional W4A4 MACs; ASM = the shift-add datapath with placeholder select/shift costs, "
            "brackets [select = shift = 0, = E_add(n)]. Memory: weights (ASM codes) and input activations read once "
            "from an 8 KB SRAM (10 pJ / 64 bit).", "",
-           "| dataset | method | alphabet | bits | accuracy % (± std, seeds) | exact-mode acc. % (train mode on the "
+           "| dataset | method | alphabet | bits | accuracy % (± std, seeds) | without BN re-estimation % | "
+           "exact-mode acc. % (train mode on the "
            "same images) | emulate == exact | "
            "compute pJ [brackets] | vs conventional [brackets] | with memory pJ | vs conventional | epochs FP+QAT | "
            "train / test |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["dataset"], r["method"] != "fp32", r["bits"], order.get(r["method"], 9),
                                          -len(r["alphabet"]))):
         acc = f"{r['accuracy']:.2f} ± {r.get('accuracy_std', 0):.2f} ({len(r.get('seeds', []))})"
@@ -199,6 +205,7 @@ def markdown(rows: list[dict]) -> str:
             exact = (f"{r['accuracy_exact']:.2f} ({r['accuracy_train_on_exact_subset']:.2f}, "
                      f"{r.get('n_exact', '')} img)")
         out.append(f"| {r['dataset']} | {r['method']} | {r['alphabet']} | {r['bits']} | {acc} | "
+                   f"{_f(r.get('accuracy_training_bn_stats'))} | "
                    f"{exact} | {emul} | {e} | {ratio} | "
                    f"{_f(r.get('energy_with_memory_pj'), '{:,.0f}')} | {ratio_mem} | "
                    f"{r.get('fp_epochs', '')}+{r.get('qat_epochs', '')} | {r.get('n_train', '')} / "
@@ -221,6 +228,13 @@ def run_arm(arm: str, fp_model, fp_info: dict, seed: int, train, test, args, rec
                       act_scale=args.act_scale, prepare=ao_weight_quant if method == "ao-uniform" else None)
     t_train = time.perf_counter()
     acc = evaluate(model, *test, mode="train")
+    acc_training_bn = None
+    if info["bn_stats_before_reestimate"]:
+        # The ablation of the BN re-estimation: the same model with the running statistics training left.
+        after = {k: v.clone() for k, v in model.state_dict().items() if k in info["bn_stats_before_reestimate"]}
+        model.load_state_dict(info["bn_stats_before_reestimate"], strict=False)
+        acc_training_bn = evaluate(model, *test, mode="train")
+        model.load_state_dict(after, strict=False)
     n_exact = test[0].shape[0] if not args.exact_n else min(args.exact_n, test[0].shape[0])
     acc_train_sub = acc if n_exact == test[0].shape[0] else evaluate(model, test[0][:n_exact], test[1][:n_exact],
                                                                      mode="train")
@@ -232,6 +246,7 @@ def run_arm(arm: str, fp_model, fp_info: dict, seed: int, train, test, args, rec
     lem = logits(model, xe, "emulate")
     t_emul = time.perf_counter()
     out = {"seed": seed, "accuracy": acc, "accuracy_exact": acc_exact, "accuracy_train_on_exact_subset": acc_train_sub,
+           "accuracy_training_bn_stats": acc_training_bn, "bn_batches": info["bn_batches"],
            "n_exact": n_exact, "n_emulate": int(xe.shape[0]),
            "max_exact_minus_train_accuracy": abs(acc_exact - acc_train_sub),
            "max_logit_diff_train_exact": float((lt - le).abs().max()),
@@ -239,7 +254,9 @@ def run_arm(arm: str, fp_model, fp_info: dict, seed: int, train, test, args, rec
            "train_seconds": info["train_seconds"], "qat_median_step_ms": info["median_step_ms"],
            "eval_seconds": t_eval - t_train, "emulate_seconds": t_emul - t_eval}
     out.update(arm_energy(method, model, shape))
-    print(f"  {arm:>10} seed {seed}: acc {acc:.2f}% (exact {acc_exact:.2f}% on {n_exact}), max |logit train - exact| "
+    bn_note = "" if acc_training_bn is None else f" [training BN statistics: {acc_training_bn:.2f}%]"
+    print(f"  {arm:>10} seed {seed}: acc {acc:.2f}%{bn_note} (exact {acc_exact:.2f}% on {n_exact}), "
+          "max |logit train - exact| "
           f"{out['max_logit_diff_train_exact']:.2e}, emulate == exact: {out['emulate_bitwise_equal']}, "
           f"{out['energy_pj_per_inference']:,.0f} pJ/inference; train {info['train_seconds']:.0f} s, eval "
           f"{t_eval - t_train:.0f} s, emulate {t_emul - t_eval:.0f} s, total {time.perf_counter() - t0:.0f} s",
@@ -284,6 +301,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--a-bits", type=int, default=4, choices=[4, 8])
     ap.add_argument("--scale", default="max", choices=["max", "lsq"])
     ap.add_argument("--act-scale", default="ema", choices=["ema", "lsq"])
+    ap.add_argument("--act-freeze-epochs", type=float, default=Recipe.act_freeze_epochs,
+                    help="QAT epochs before the activation EMA scales freeze (0: right after the calibration)")
+    ap.add_argument("--bn-batches", type=int, default=Recipe.bn_batches,
+                    help="training batches for the BN re-estimation after QAT (0: keep the training-time statistics)")
     ap.add_argument("--n-train", type=int, default=None, help="use only the first N training images")
     ap.add_argument("--n-test", type=int, default=None, help="use only the first N test images")
     ap.add_argument("--exact-n", type=int, default=DEFAULT_EXACT_N,
@@ -298,7 +319,8 @@ def main(argv=None) -> list[dict]:
         args.fp_epochs = args.qat_epochs = args.epochs
     seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
     recipe = Recipe(fp_epochs=args.fp_epochs, qat_epochs=args.qat_epochs, batch=args.batch, lr=args.lr,
-                    blocks_per_stage=args.blocks_per_stage)
+                    blocks_per_stage=args.blocks_per_stage, bn_batches=args.bn_batches,
+                    act_freeze_epochs=args.act_freeze_epochs)
     t_start = time.perf_counter()
     train, test, _ = load_data(args.dataset, args.n_train, args.n_test)
     args.n_train_actual, args.n_test_actual = int(train[0].shape[0]), int(test[0].shape[0])

@@ -259,6 +259,42 @@ def test_fold_bn_keeps_integers_and_outputs():
     torch.testing.assert_close(y_exact, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_reestimate_bn_averages_batch_statistics_of_the_quantized_model():
+    from lrkern.asm.train import reestimate_bn
+    torch.manual_seed(4)
+    net = asm.convert(asm.ResNetCNN(), "1357")
+    batches = [(torch.randn(6, 1, 12, 12), None) for _ in range(3)]
+    _calibrate(net, batches[0][0])
+    asm.freeze_act_scales(net)
+    bns = {n: m for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    for m in bns.values():  # stale statistics that must not survive
+        m.running_mean.fill_(5.0)
+        m.running_var.fill_(9.0)
+        m.num_batches_tracked.fill_(50)
+    params = {n: p.detach().clone() for n, p in net.named_parameters()}
+    scales = [float(q.scale) for q in net.modules() if isinstance(q, ActQuantizer)]
+    seen = {n: [] for n in bns}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: seen[n].append(inp[0].detach()))
+             for n, m in bns.items()]
+    net.train()
+    assert reestimate_bn(net, iter(batches), 5) == 3
+    for h in hooks:
+        h.remove()
+    assert net.training and all(m.momentum == 0.1 for m in bns.values())
+    for n, m in bns.items():
+        # momentum=None: the plain average of the batch means and of the unbiased batch variances.
+        mean = torch.stack([x.mean((0, 2, 3)) for x in seen[n]]).mean(0)
+        var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in seen[n]]).mean(0)
+        torch.testing.assert_close(m.running_mean, mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.running_var, var, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(p, params[n]) for n, p in net.named_parameters())
+    assert [float(q.scale) for q in net.modules() if isinstance(q, ActQuantizer)] == scales
+    with pytest.raises(ValueError, match="num_batches"):
+        reestimate_bn(net, iter(batches), 0)
+    with pytest.raises(ValueError, match="no batches"):
+        reestimate_bn(net, iter([]), 2)
+
+
 # ------------------------------------------------------------------------------------------------------------ energy
 
 def _tiny_linear(rows, alphabet, w_bits):
@@ -373,3 +409,37 @@ def test_bad_arguments_name_the_argument():
         asm.energy(asm.ResNetCNN(), (1, 1, 28, 28))
     with pytest.raises(TypeError, match="x"):
         ASMLinear(lin, "13")(torch.ones(2, 4, dtype=torch.int32))
+
+
+def test_qat_freezes_activation_scales_on_schedule_and_reestimates_bn():
+    import copy
+
+    from lrkern.asm.train import Recipe, calibrate, qat
+    from lrkern.vision_data import batches
+    torch.manual_seed(5)
+    fp = asm.ResNetCNN().eval()
+    train = (torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)))
+
+    def scales(model):
+        return [float(q.scale) for q in model.modules() if isinstance(q, ActQuantizer)]
+
+    # The scales the calibration gives (qat calibrates on the first batches of the same seeded loader).
+    ref = asm.convert(copy.deepcopy(fp), "1357")
+    calibrate(ref, batches(*train, 32, shuffle=True, seed=1000), 1)
+    early, info = qat(fp, "1357", train, 0, Recipe(qat_epochs=1, batch=32, calib_batches=1, bn_batches=2,
+                                                   act_freeze_epochs=0), verbose=False)
+    assert scales(early) == scales(ref)
+    late, _ = qat(fp, "1357", train, 0, Recipe(qat_epochs=1, batch=32, calib_batches=1, bn_batches=0),
+                  verbose=False)
+    assert scales(late) != scales(ref)  # the EMA kept moving through the epoch
+    assert all(bool(q.frozen) for q in late.modules() if isinstance(q, ActQuantizer))
+    # The re-estimation replaced the training-time statistics, which info keeps for the ablation.
+    before = info["bn_stats_before_reestimate"]
+    assert info["bn_batches"] == 2 and before
+    state = early.state_dict()
+    assert not torch.equal(state["stages.2.0.bn2.running_mean"], before["stages.2.0.bn2.running_mean"])
+    assert int(state["stages.2.0.bn2.num_batches_tracked"]) == 2
+    with pytest.raises(ValueError, match="act_freeze_epochs"):
+        Recipe(act_freeze_epochs=-1)
+    with pytest.raises(ValueError, match="calib_batches"):
+        Recipe(act_freeze_epochs=0, calib_batches=0)

@@ -19,7 +19,7 @@ On top of them: alphabet-aware layers and training, and an operation-counting en
   ``freeze_act_scales``, ``calibrating``.
 - Energy (``lrkern.asm.energy``): ``energy`` (ASM vs conventional), ``fp32_energy``, ``EnergyTable``.
 - Experiment (``lrkern.asm.models``, ``lrkern.asm.train``): ``ResNetCNN``; ``Recipe``, ``load_data``,
-  ``fp_checkpoint``, ``qat``, ``evaluate`` (imported on first use).
+  ``fp_checkpoint``, ``qat``, ``reestimate_bn``, ``evaluate`` (imported on first use).
 """
 from lrkern.asm.alphabet import (ALPHABETS, asm_compose, check_a_bits, check_w_bits, midpoints, parse_alphabet,
                                  r_max, representable_magnitudes, representable_quartets)
@@ -29,7 +29,7 @@ from lrkern.asm.modules import (ASMConv2d, ASMLinear, asm_layers, conv2d_int, co
                                 linear_int, max_scale, set_mode)
 from lrkern.asm.quant_act import ActQuantizer, calibrating, fake_quant_act, freeze_act_scales
 
-_TRAIN_NAMES = ("Recipe", "load_data", "fp_checkpoint", "qat", "evaluate", "calibrate")
+_TRAIN_NAMES = ("Recipe", "load_data", "fp_checkpoint", "qat", "evaluate", "calibrate", "reestimate_bn")
 
 
 def __getattr__(name):
