@@ -1,6 +1,7 @@
 """Runs the op benchmarks, prints their tables and the speed targets, and records the rows to bench/results/.
 
-    python bench/run_all.py [--device cpu|cuda|auto] [--quick] [--no-record] [--only hadamard|quant|lance|decode]
+    python bench/run_all.py [--device cpu|cuda|auto] [--quick] [--no-record]
+                            [--only hadamard|quant|lance|decode|asm_quant|asm_gemm]
 
 Exit status 1 when an lrkern kernel (or the reference) failed or disagreed with the reference, or a decode baseline
 disagreed with it; missed speed targets are reported, not failed.
@@ -19,7 +20,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from bench import bench_asm_quant, bench_decode, bench_hadamard, bench_lance_ops, bench_quant
+from bench import bench_asm, bench_asm_quant, bench_decode, bench_hadamard, bench_lance_ops, bench_quant
 from bench.common import (
     CPU_CACHE_MODES,
     bench_backends,
@@ -31,12 +32,15 @@ from bench.common import (
     set_cpu_cache,
 )
 
-# decode keeps its own rows, table, targets and results file (bench/results/decode_attention.jsonl): its rows are
-# (model, B, T, provider) measurements with speed-ups against SDPA, not the op rows of common.Row.
+# decode and asm_gemm keep their own rows, table, targets and results file (OWN_RESULTS; decode_attention.jsonl and
+# asm.json): their rows are (model, B, T, provider) and (device, provider, M, N, K) measurements with ratios against
+# a baseline, not the op rows of common.Row.
 BENCHES = {"hadamard": ("hadamard", bench_hadamard), "quant": ("quant_pack / dequant", bench_quant),
            "lance": ("lance_project / mode_gram_accumulate / LANCE layer steps", bench_lance_ops),
            "decode": ("decode attention", bench_decode),
-           "asm_quant": ("asm_project / asm_fake_quant (alphabet-set projection)", bench_asm_quant)}
+           "asm_quant": ("asm_project / asm_fake_quant (alphabet-set projection)", bench_asm_quant),
+           "asm_gemm": ("asm_gemm / asm_gemm_emulate vs a plain GEMM", bench_asm)}
+OWN_RESULTS = (bench_decode, bench_asm)
 
 
 @dataclass
@@ -131,7 +135,7 @@ def main(argv=None, only=None) -> int:
     for note in env_flag_warnings():
         print(f"note: {note}")
 
-    rows, errors, decode = [], [], None
+    rows, errors, own = [], [], {}
     start = time.perf_counter()
     for key in selected:
         title, module = BENCHES[key]
@@ -139,9 +143,9 @@ def main(argv=None, only=None) -> int:
         t0 = time.perf_counter()
         part, errs = module.run(device, args.quick, meta)
         heading = f"{title} ({time.perf_counter() - t0:.0f} s)"
-        if module is bench_decode:
-            decode = part
-            print(f"\n== {heading}\n{bench_decode.table(decode)}", flush=True)
+        if module in OWN_RESULTS:
+            own[module] = part
+            print(f"\n== {heading}\n{module.table(part)}", flush=True)
         else:
             print_table(part, heading)
             rows += part
@@ -149,23 +153,32 @@ def main(argv=None, only=None) -> int:
 
     print("\n== targets")
     lines = targets(rows, device, skipped)
-    lines += bench_decode.targets(decode) if decode else ["decode attention: not measured (not selected by --only)"]
+    for module in OWN_RESULTS:
+        title = next(t for t, m in BENCHES.values() if m is module)
+        lines += module.targets(own[module]) if module in own else [f"{title}: not measured (not selected by --only)"]
     for line in lines:
         print(f"  {line}")
     if errors:
         print(f"\n== {len(errors)} error(s)")
         for e in errors:
             print(f"  {e}")
-    n_decode = len(decode.rows) if decode else 0
+    n_own = {m: _own_rows(m, part) for m, part in own.items()}
     if args.no_record:
-        print(f"\nnot recorded (--no-record); {len(rows) + n_decode} rows in {time.perf_counter() - start:.0f} s")
+        print(f"\nnot recorded (--no-record); {len(rows) + sum(n_own.values())} rows in "
+              f"{time.perf_counter() - start:.0f} s")
         return 1 if errors else 0
     if rows:
         _recorded(len(rows), record(rows, device))
-    if n_decode:
-        _recorded(n_decode, bench_decode.record(decode))
+    for module, part in own.items():
+        if n_own[module]:
+            path = bench_decode.record(part) if module is bench_decode else module.record(part, device)
+            _recorded(n_own[module], path)
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 1 if errors else 0
+
+
+def _own_rows(module, part) -> int:
+    return len(part.rows) if module is bench_decode else len(part)
 
 
 def _recorded(n: int, path: Path) -> None:
