@@ -23,6 +23,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lrkern.kernels import asm_gemm as AGK  # noqa: E402
+from lrkern.kernels import asm_quant as AQK  # noqa: E402
 from lrkern.kernels import hadamard as HK  # noqa: E402
 from lrkern.kernels import lif as LIFK  # noqa: E402
 from lrkern.kernels import lowrank as LK  # noqa: E402
@@ -167,6 +169,44 @@ FOUNDATION = [
           LOW=dt != torch.float32, EMULATE=False,
           num_warps=LK.GRAM_NUM_WARPS, num_stages=LK.GRAM_NUM_STAGES))
     for dt in (torch.float32, torch.bfloat16)
+] + [  # ASM GEMMs at the launcher's full tiles: the fast path W4A4 and W8A8 (two quartet planes, 8-bit activations)
+    # and the shift-add emulation of {1,3,5,7} (the mux over 4 bank entries) with one and two quartets
+    (f"asm-gemm-fast-w{8 if w8 else 4}a{8 if w8 else 4}", AGK._asm_fast_kernel, dict(
+        x_ptr="*u8", w_ptr="*i16", out_ptr="*i32", M="i32", N="i32", K="i32", stride_xm="i32", stride_wn="i32",
+        stride_om="i32"),
+     dict(W8=w8, A8=w8, BLOCK_M=AGK.FAST_BLOCK_M, BLOCK_N=AGK.FAST_BLOCK_N, BLOCK_K=AGK.FAST_BLOCK_K,
+          num_warps=AGK.FAST_NUM_WARPS, num_stages=AGK.FAST_NUM_STAGES))
+    for w8 in (False, True)
+] + [
+    (f"asm-gemm-emulate-1357-q{q}", AGK._asm_emulate_kernel, dict(
+        x_ptr="*u8", w_ptr="*i16", out_ptr="*i32", M="i32", N="i32", K="i32", stride_xm="i32", stride_wn="i32",
+        stride_om="i32"),
+     dict(ALPHA=AGK.alphabet_mask([1, 3, 5, 7]), Q=q, BLOCK_M=AGK.EMU_BLOCK_M, BLOCK_N=AGK.EMU_BLOCK_N,
+          BLOCK_K=AGK.EMU_BLOCK_K, num_warps=AGK.EMU_NUM_WARPS))
+    for q in (1, 2)
+] + [  # the alphabet projection of a Linear weight [O, K] along axis 0 (the launcher's MODE 0, BLOCK_R 2048), fp16,
+    # with the 8-bit {1,3,5,7} table (143 midpoints, a binary search) and the 4-bit one; the backward with its
+    # per-channel partial sums; decompose
+    (f"asm-{name}-w{w_bits}-fp16", fn, types, dict(meta, N_MID=n_mid, W_BITS=w_bits, BLOCK_R=AQK.BLOCK, BLOCK_C=1,
+                                                   MODE=0, num_warps=AQK._num_warps(AQK.BLOCK),
+                                                   enable_fp_fusion=False))
+    for w_bits, n_mid in ((8, 143), (4, 11))  # 4-bit {1,3,5,7}: 11 midpoints, compared one by one
+    for name, fn, types, meta in (
+        ("project", AQK._project_kernel, dict(w_ptr=_F16, scale_ptr="*fp32", out_ptr="*i16", mid_ptr="*fp32",
+                                              delta_ptr="*i32", mag_ptr="*i32", M="i32", C="i32", inner="i32"),
+         dict(FAKE=False)),
+        ("fake-quant", AQK._project_kernel, dict(w_ptr=_F16, scale_ptr="*fp32", out_ptr=_F16, mid_ptr="*fp32",
+                                                 delta_ptr="*i32", mag_ptr="*i32", M="i32", C="i32", inner="i32"),
+         dict(FAKE=True)),
+        ("fake-quant-bwd", AQK._fq_bwd_kernel, dict(g_ptr=_F16, w_ptr=_F16, scale_ptr="*fp32", gw_ptr=_F16,
+                                                    part_ptr="*fp32", mid_ptr="*fp32", delta_ptr="*i32",
+                                                    mag_ptr="*i32", M="i32", C="i32", inner="i32", r_max="fp32"),
+         {}),
+    )
+] + [
+    ("asm-decompose-w8", AQK._decompose_kernel, dict(w_ptr="*i16", codes_ptr="*u8", first_ptr="*i64",
+                                                     code_ptr="*i32", n="i32"),
+     dict(Q=2, QMAX=255, BLOCK_N=AQK.BLOCK, num_warps=AQK._num_warps(AQK.BLOCK))),
 ]
 
 

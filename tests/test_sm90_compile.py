@@ -27,8 +27,11 @@ def test_triton_kernels_compile_for_sm90_without_spills():
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     # 8 kv_attention classes x 2 kernels + 6 foundation kernels + 2 x (lance projection, mode Gram) + LIF fwd, bwd
-    # + STM fwd, bwd in fp16 and fp32
-    assert len(rows) == 32, run.stdout
+    # + STM fwd, bwd in fp16 and fp32 + ASM GEMM fast (W4A4, W8A8) and emulate (1 and 2 quartets) + ASM project,
+    # fake-quant and its backward at 8 and 4 bits + decompose
+    assert len(rows) == 43, run.stdout
+    asm = [r["class"] for r in rows if r["class"].startswith("asm-")]
+    assert len(asm) == 11 and "asm-fake-quant-w8-fp16" in asm, asm
     stm = sorted(r["class"] for r in rows if r["kernel"] in ("_stm_fwd_kernel", "_stm_bwd_kernel"))
     assert stm == ["stm-bwd-fp16", "stm-bwd-fp32", "stm-fwd-fp16", "stm-fwd-fp32"], stm
     failed = [r for r in rows if "error" in r or r["spill_stack_bytes"]]

@@ -40,10 +40,11 @@ def _magnitude(u, mid_ptr, delta_ptr, mag_ptr, N_MID: tl.constexpr, W_BITS: tl.c
     else:
         # j = #{t_k < u} over a sorted 255-entry table (+inf padded): add each power of two whose probe is below u.
         lo = tl.zeros(u.shape, tl.int32)
+        # (128 >> k is a constexpr of the unrolled loop; naming it with `step: tl.constexpr = ...` compiles under the
+        # interpreter only: a real compile refuses to reassign a constexpr on the next iteration.)
         for k in tl.static_range(8):
-            step: tl.constexpr = 128 >> k
-            t = tl.load(mid_ptr + lo + (step - 1))
-            lo += tl.where(t < u, step, 0)
+            t = tl.load(mid_ptr + lo + ((128 >> k) - 1))
+            lo += tl.where(t < u, 128 >> k, 0)
         p = tl.load(mag_ptr + lo)
     return p
 
