@@ -18,6 +18,8 @@ On top of them: alphabet-aware layers and training, and an operation-counting en
 - Activations (``lrkern.asm.quant_act``): ``ActQuantizer`` (EMA or LSQ scale), ``fake_quant_act``,
   ``freeze_act_scales``, ``calibrating``.
 - Energy (``lrkern.asm.energy``): ``energy`` (ASM vs conventional), ``fp32_energy``, ``EnergyTable``.
+- torch.ao (``lrkern.asm.ao``, imported explicitly: torch.ao.quantization is deprecated upstream):
+  ``ASMFakeQuantize``, the alphabet projection as a QConfig weight fake-quantizer for ``prepare_qat`` flows.
 - Experiment (``lrkern.asm.models``, ``lrkern.asm.train``): ``ResNetCNN``; ``Recipe``, ``load_data``,
   ``fp_checkpoint``, ``qat``, ``reestimate_bn``, ``evaluate`` (imported on first use).
 """
