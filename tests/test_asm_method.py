@@ -259,6 +259,36 @@ def test_fold_bn_keeps_integers_and_outputs():
     torch.testing.assert_close(y_exact, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_fold_bn_linear_with_batchnorm1d():
+    torch.manual_seed(6)
+    lin = nn.Linear(12, 8)
+    bn = nn.BatchNorm1d(8).eval()
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.data.uniform_(-1.5, 1.5)
+    bn.bias.data.uniform_(-0.5, 0.5)
+    x = torch.rand(5, 12)
+    layer = _calibrated(ASMLinear(lin, "13", 4, 4), x)
+    layer.mode = "exact"
+    with torch.no_grad():
+        ref = bn(layer(x))
+    folded = asm.fold_bn(layer, bn)
+    assert folded.folded and folded.mode == "exact" and torch.equal(folded.weight_int(), layer.weight_int())
+    with torch.no_grad():
+        y = folded(x)
+        folded.mode = "emulate"
+        assert torch.equal(folded(x), y)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(asm.fold_bn(lin, bn)(x), bn(lin(x)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="BatchNorm1d"):
+        asm.fold_bn(layer, nn.BatchNorm2d(8))
+    with pytest.raises(ValueError, match="features"):
+        asm.fold_bn(layer, nn.BatchNorm1d(7))
+    with pytest.raises(ValueError, match="already"):
+        asm.fold_bn(folded, bn)
+
+
 def test_reestimate_bn_averages_batch_statistics_of_the_quantized_model():
     from lrkern.asm.train import reestimate_bn
     torch.manual_seed(4)

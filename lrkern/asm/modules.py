@@ -23,11 +23,12 @@ tensors, so the two differ only by fp32 summation order (about 1e-6 relative).
 Weight scale: ``scale="max"`` sets s_o = max_k |W[o, k]| / r_max from the current weight on every call (an all-zero
 channel uses 1; no gradient flows into it); ``scale="lsq"`` learns s_o (initialised to the max scale at conversion).
 
-BatchNorm stays float during training. At export, ``fold_bn(conv, bn)`` returns a copy of the ASM convolution with the
-BN folded into its epilogue, s'_o = gamma_o s_o / sigma_o and bias'_o = beta_o + gamma_o (b_o - mu_o) / sigma_o
-(sigma_o = sqrt(var_o + eps)), keeping the trained w_int unchanged (stored as a buffer); the folded layer runs in the
-integer modes only. ``fold_bn_pairs(model, pairs)`` does it for named (conv, bn) pairs and replaces each BN by
-``nn.Identity``; a float ``nn.Conv2d`` (an unconstrained first layer) is folded the usual way.
+BatchNorm stays float during training. At export, ``fold_bn(layer, bn)`` returns a copy of the ASM convolution (or
+Linear, with an ``nn.BatchNorm1d``) with the BN folded into its epilogue, s'_o = gamma_o s_o / sigma_o and
+bias'_o = beta_o + gamma_o (b_o - mu_o) / sigma_o (sigma_o = sqrt(var_o + eps)), keeping the trained w_int unchanged
+(stored as a buffer); the folded layer runs in the integer modes only. ``fold_bn_pairs(model, pairs)`` does it for
+named (layer, bn) pairs and replaces each BN by ``nn.Identity``; a float ``nn.Conv2d`` or ``nn.Linear`` (an
+unconstrained first or last layer) is folded the usual way.
 
 ``convert(model, alphabet, w_bits=4, a_bits=4, all_layers=False, scale="max")`` swaps every ``nn.Conv2d`` and
 ``nn.Linear`` in place, except (unless ``all_layers``) the first of them and the last ``nn.Linear`` (common QAT
@@ -428,33 +429,42 @@ def convert(model: nn.Module, alphabet, w_bits: int = 4, a_bits: int = 4, all_la
     return model
 
 
-def fold_bn(conv: Union[ASMConv2d, nn.Conv2d], bn: nn.BatchNorm2d) -> Union[ASMConv2d, nn.Conv2d]:
-    """A copy of ``conv`` with the (eval-mode) BatchNorm ``bn`` that follows it folded in.
+_FOLDABLE = ((ASMConv2d, nn.Conv2d, nn.BatchNorm2d), (ASMLinear, nn.Linear, nn.BatchNorm1d))
 
-    ASM convolution: the trained w_int is frozen into a buffer and the epilogue uses s'_o = gamma_o s_o / sigma_o and
+
+def fold_bn(layer: Union[ASMConv2d, nn.Conv2d, ASMLinear, nn.Linear],
+            bn: Union[nn.BatchNorm2d, nn.BatchNorm1d]) -> Union[ASMConv2d, nn.Conv2d, ASMLinear, nn.Linear]:
+    """A copy of ``layer`` with the (eval-mode) BatchNorm ``bn`` that follows it folded in: a convolution with an
+    ``nn.BatchNorm2d``, or a Linear with an ``nn.BatchNorm1d`` over its output features (a ``[B, N]`` output).
+
+    ASM layer: the trained w_int is frozen into a buffer and the epilogue uses s'_o = gamma_o s_o / sigma_o and
     bias'_o = beta_o + gamma_o (b_o - mu_o) / sigma_o; the result runs in "exact" (default) or "emulate" mode only.
-    Float ``nn.Conv2d``: W' = W gamma / sigma, b' = bias' (the usual folding).
+    Float layer: W' = W gamma / sigma, b' = bias' (the usual folding).
     """
-    if not isinstance(bn, nn.BatchNorm2d):
-        raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+    kinds = next((k for k in _FOLDABLE if isinstance(layer, k[:2])), None)
+    if kinds is None:
+        raise TypeError(f"layer must be an ASMConv2d, nn.Conv2d, ASMLinear or nn.Linear, got {type(layer).__name__}")
+    if type(bn) is not kinds[2]:
+        raise TypeError(f"bn must be an nn.{kinds[2].__name__} to fold into a {type(layer).__name__}, "
+                        f"got {type(bn).__name__}")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("bn has no running statistics (track_running_stats=False); it cannot be folded")
-    n = conv.out_channels
+    n = layer.weight.shape[0]
     if bn.num_features != n:
-        raise ValueError(f"bn has {bn.num_features} features but conv has {n} output channels")
+        raise ValueError(f"bn has {bn.num_features} features but the layer has {n} outputs")
     with torch.no_grad():
         sigma = torch.sqrt(bn.running_var.float() + bn.eps)
         gamma = bn.weight.detach().float() if bn.weight is not None else torch.ones_like(sigma)
         beta = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(sigma)
         gain = gamma / sigma
-        b = conv.bias.detach().float() if conv.bias is not None else torch.zeros_like(sigma)
+        b = layer.bias.detach().float() if layer.bias is not None else torch.zeros_like(sigma)
         new_bias = beta + gain * (b - bn.running_mean.float())
-        if isinstance(conv, ASMConv2d):
-            if conv.folded:
-                raise ValueError("conv already has a BatchNorm folded in")
-            out = copy.deepcopy(conv)
-            w_int = conv.weight_int()
-            s_w = conv.weight_scale().detach().float()
+        if isinstance(layer, _ASMLayer):
+            if layer.folded:
+                raise ValueError("layer already has a BatchNorm folded in")
+            out = copy.deepcopy(layer)
+            w_int = layer.weight_int()
+            s_w = layer.weight_scale().detach().float()
             out.register_buffer("folded_w_int", w_int.clone())
             out.register_buffer("folded_w_scale", s_w.clone())  # s_o before folding (for the pixel-offset term)
             out.register_buffer("folded_gain", gain.clone())
@@ -464,20 +474,18 @@ def fold_bn(conv: Union[ASMConv2d, nn.Conv2d], bn: nn.BatchNorm2d) -> Union[ASMC
             if out.mode == "train":
                 out.mode = "exact"
             return out
-        if isinstance(conv, nn.Conv2d):
-            out = copy.deepcopy(conv)
-            out.weight.copy_(conv.weight * gain.view(-1, 1, 1, 1).to(conv.weight.dtype))
-            if out.bias is None:
-                out.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
-            else:
-                out.bias.copy_(new_bias)
-            return out
-    raise TypeError(f"conv must be an ASMConv2d or nn.Conv2d, got {type(conv).__name__}")
+        out = copy.deepcopy(layer)
+        out.weight.copy_(layer.weight * gain.view(-1, *[1] * (layer.weight.dim() - 1)).to(layer.weight.dtype))
+        if out.bias is None:
+            out.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
+        else:
+            out.bias.copy_(new_bias)
+        return out
 
 
 def fold_bn_pairs(model: nn.Module, pairs: Iterable[tuple[str, str]]) -> nn.Module:
-    """Fold each BN ``pairs[i][1]`` into the convolution ``pairs[i][0]`` (by module name) in place: the convolution
-    is replaced by ``fold_bn(conv, bn)`` and the BN by ``nn.Identity``. Returns ``model`` (call ``model.eval()``
+    """Fold each BN ``pairs[i][1]`` into the convolution or Linear ``pairs[i][0]`` (by module name) in place: the layer
+    is replaced by ``fold_bn(layer, bn)`` and the BN by ``nn.Identity``. Returns ``model`` (call ``model.eval()``
     first: the running statistics are what gets folded)."""
     for conv_name, bn_name in list(pairs):
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
