@@ -7,10 +7,11 @@ activation EMA scales frozen after the first QAT epoch, or at the end of a short
 re-estimated on 100 training batches: ``lrkern.asm.train`` explains why), W4A4 (``--w-bits 8 --a-bits
 8`` for the W8A8 rows), first and last layers unconstrained. Arms: fp32 (the FP
 checkpoint), uniform 4-bit (the full odd set, which is exactly uniform symmetric quantization in the same code path),
-{1,3,5,7}, {1,3}, {1}; optional ``ao-uniform`` (weights fake-quantized by torch.ao's
+{1,3,5,7}, {1,3}, {1}, ``ao-uniform`` (weights fake-quantized by torch.ao's
 ``torch.fake_quantize_per_channel_affine`` with quant_min = -15, quant_max = 15, zero point 0, the same max scale: the
-spec's cross-check of the uniform arm). Every arm of a seed starts from that seed's FP checkpoint (cached in
-``$LRKERN_CACHE_DIR``).
+spec's cross-check of the uniform arm); optional ``13-progressive`` ({1,3} reached progressively: the QAT epochs
+split in three equal stages on the full odd set, {1,3,5,7} and {1,3}, spec 3.5). Every arm of a seed starts from that
+seed's FP checkpoint (cached in ``$LRKERN_CACHE_DIR``).
 
 Per arm and seed: test accuracy in "train" mode (fake quantization) and in "exact" mode (integer GEMM), the largest
 logit difference between the two, whether "emulate" (the shift-add datapath) gives logits bitwise equal to "exact" on
@@ -28,6 +29,7 @@ such as "speed", are kept) and rendered into its section of ``bench/results/asm.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -50,7 +52,9 @@ MD_BEGIN, MD_END = "<!-- asm_experiment:begin -->", "<!-- asm_experiment:end -->
 
 # arm -> (method, alphabet name)
 ARMS = {"fp32": ("fp32", None), "uniform": ("uniform", "odd"), "1357": ("asm", "1357"), "13": ("asm", "13"),
-        "1": ("asm", "1"), "ao-uniform": ("ao-uniform", "odd")}
+        "1": ("asm", "1"), "ao-uniform": ("ao-uniform", "odd"), "13-progressive": ("asm-progressive", "13")}
+# The progressive arm (spec 3.5): the QAT budget split in three equal stages, full odd set -> {1,3,5,7} -> {1,3}.
+PROGRESSIVE = ("odd", "1357")
 DEFAULT_ARMS = ["fp32", "ao-uniform", "uniform", "1357", "13", "1"]
 ALPHABET_LABEL = {None: "-", "odd": "{1,3,...,15}", "1357": "{1,3,5,7}", "13": "{1,3}", "1": "{1}"}
 # Default epochs: chosen so that a whole default run (3 seeds, 5 arms, full Fashion-MNIST) fits about 40 minutes on
@@ -224,8 +228,13 @@ def run_arm(arm: str, fp_model, fp_info: dict, seed: int, train, test, args, rec
         out = {"seed": seed, "accuracy": fp_info["test_accuracy"], "train_seconds": fp_info.get("train_seconds")}
         out.update(arm_energy(method, fp_model, shape))
         return out
+    progressive = ()
+    if method == "asm-progressive":
+        third = recipe.qat_epochs / (len(PROGRESSIVE) + 1)
+        progressive, recipe = [(a, third) for a in PROGRESSIVE], dataclasses.replace(recipe, qat_epochs=third)
     model, info = qat(fp_model, alphabet, train, seed, recipe, args.w_bits, args.a_bits, scale=args.scale,
-                      act_scale=args.act_scale, prepare=ao_weight_quant if method == "ao-uniform" else None)
+                      act_scale=args.act_scale, prepare=ao_weight_quant if method == "ao-uniform" else None,
+                      progressive=progressive)
     t_train = time.perf_counter()
     acc = evaluate(model, *test, mode="train")
     acc_training_bn = None

@@ -473,3 +473,30 @@ def test_qat_freezes_activation_scales_on_schedule_and_reestimates_bn():
         Recipe(act_freeze_epochs=-1)
     with pytest.raises(ValueError, match="calib_batches"):
         Recipe(act_freeze_epochs=0, calib_batches=0)
+
+
+def test_set_alphabet_and_progressive_qat():
+    from lrkern.asm.train import Recipe, qat
+    torch.manual_seed(7)
+    lin = nn.Linear(6, 4)
+    net = asm.convert(nn.Sequential(nn.Linear(6, 6), lin, nn.Linear(4, 3)), "odd", scale="lsq")
+    layer = net[1]
+    s_odd = layer.w_scale.detach().clone()
+    asm.set_alphabet(net, "13")
+    assert layer.alphabet == [1, 3] and layer.r_max == 12
+    torch.testing.assert_close(layer.w_scale.detach(), s_odd * 15 / 12)  # the largest grid value stays put
+    with pytest.raises(ValueError, match="alphabet"):
+        asm.set_alphabet(net, "12")
+
+    fp = asm.ResNetCNN().eval()
+    train = (torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)))
+    recipe = Recipe(qat_epochs=0.5, batch=32, calib_batches=1, bn_batches=1)
+    model, info = qat(fp, "13", train, 0, recipe, progressive=[("odd", 0.5), ("1357", 1)], verbose=False)
+    assert info["steps"] == 1 + 2 + 1
+    for _, m in asm.asm_layers(model):
+        assert m.alphabet == [1, 3]
+        grid = set(asm.representable_magnitudes("13", 4).tolist())
+        assert set(m.weight_int().abs().unique().tolist()) <= grid
+    assert all(bool(q.frozen) for q in model.modules() if isinstance(q, ActQuantizer))
+    with pytest.raises(ValueError, match="positive epochs"):
+        qat(fp, "13", train, 0, recipe, progressive=[("odd", 0)], verbose=False)

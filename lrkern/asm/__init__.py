@@ -14,7 +14,8 @@ On top of them: alphabet-aware layers and training, and an operation-counting en
 - Ops: ``torch.ops.lrkern.asm_project``, ``asm_fake_quant``, ``asm_decompose``, ``asm_gemm_emulate``, ``asm_gemm``;
   ``asm_epilogue`` (``lrkern.asm.epilogue``) is the one fp32 epilogue of every path.
 - Layers (``lrkern.asm.modules``): ``ASMLinear``, ``ASMConv2d`` (modes "train", "exact", "emulate"), ``convert``,
-  ``set_mode``, ``asm_layers``, ``fold_bn``, ``fold_bn_pairs``, and the functional ``linear_int`` / ``conv2d_int``.
+  ``set_mode``, ``set_alphabet``, ``asm_layers``, ``fold_bn``, ``fold_bn_pairs``, and the functional
+  ``linear_int`` / ``conv2d_int``.
 - Activations (``lrkern.asm.quant_act``): ``ActQuantizer`` (EMA or LSQ scale), ``fake_quant_act``,
   ``freeze_act_scales``, ``calibrating``.
 - Energy (``lrkern.asm.energy``): ``energy`` (ASM vs conventional), ``fp32_energy``, ``EnergyTable``.
@@ -28,7 +29,7 @@ from lrkern.asm.alphabet import (ALPHABETS, asm_compose, check_a_bits, check_w_b
 from lrkern.asm.energy import EnergyTable, energy, fp32_energy
 from lrkern.asm.models import ResNetCNN
 from lrkern.asm.modules import (ASMConv2d, ASMLinear, asm_layers, conv2d_int, convert, fold_bn, fold_bn_pairs,
-                                linear_int, max_scale, set_mode)
+                                linear_int, max_scale, set_alphabet, set_mode)
 from lrkern.asm.quant_act import ActQuantizer, calibrating, fake_quant_act, freeze_act_scales
 
 _TRAIN_NAMES = ("Recipe", "load_data", "fp_checkpoint", "qat", "evaluate", "calibrate", "reestimate_bn")
@@ -45,6 +46,7 @@ def __getattr__(name):
 
 __all__ = ["ALPHABETS", "parse_alphabet", "check_w_bits", "check_a_bits", "representable_quartets",
            "representable_magnitudes", "r_max", "midpoints", "asm_compose", "ASMLinear", "ASMConv2d", "convert",
-           "set_mode", "asm_layers", "fold_bn", "fold_bn_pairs", "linear_int", "conv2d_int", "max_scale",
+           "set_mode", "set_alphabet", "asm_layers", "fold_bn", "fold_bn_pairs", "linear_int", "conv2d_int",
+           "max_scale",
            "ActQuantizer", "fake_quant_act", "freeze_act_scales", "calibrating", "energy", "fp32_energy", "EnergyTable",
            "ResNetCNN", *_TRAIN_NAMES]

@@ -365,6 +365,25 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
+def set_alphabet(model: nn.Module, alphabet) -> nn.Module:
+    """Move every ASM layer of ``model`` to another alphabet set (progressive QAT: full odd set, then {1,3,5,7}, then
+    {1,3}); returns the model. The latent weights are kept; a max scale follows the new r_max by itself, a learned
+    scale (``scale="lsq"``) is multiplied by r_max(old) / r_max(new) so the largest representable weight stays put.
+    BN-folded layers (frozen integers) refuse."""
+    alpha = list(parse_alphabet(alphabet))
+    layers = list(asm_layers(model))
+    folded = [n for n, m in layers if m.folded]
+    if folded:
+        raise ValueError(f"set_alphabet: {', '.join(folded)} have a BatchNorm folded in (frozen integers)")
+    for _, m in layers:
+        new_r = r_max(alpha, m.w_bits)
+        if m.scale_mode == "lsq":
+            with torch.no_grad():
+                m.w_scale.mul_(m.r_max / new_r)
+        m.alphabet, m.r_max = list(alpha), new_r
+    return model
+
+
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, attr = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), attr

@@ -35,13 +35,14 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from lrkern.asm.alphabet import parse_alphabet
 from lrkern.asm.models import ResNetCNN
-from lrkern.asm.modules import asm_layers, convert, set_mode
+from lrkern.asm.modules import asm_layers, convert, set_alphabet, set_mode
 from lrkern.asm.quant_act import ActQuantizer, calibrating, freeze_act_scales
 from lrkern.lance.training import accuracy, default_cache_dir, train_epochs
 from lrkern.vision_data import (FASHION_MNIST_MEAN_STD, MNIST_MEAN_STD, batches, fashion_mnist, mnist_test,
@@ -234,14 +235,26 @@ def reestimate_bn(model: nn.Module, loader, num_batches: int) -> int:
 
 def qat(fp_model: nn.Module, alphabet, train, seed: int = 0, recipe: Recipe = Recipe(), w_bits: int = 4,
         a_bits: int = 4, scale: str = "max", act_scale: str = "ema", all_layers: bool = False,
-        input_norm=None, prepare=None, verbose: bool = True) -> tuple[nn.Module, dict]:
+        input_norm=None, prepare=None, progressive: Sequence[tuple] = (), verbose: bool = True
+        ) -> tuple[nn.Module, dict]:
     """Alphabet-aware QAT of a copy of ``fp_model`` (see the module docstring); returns the model (in "train" mode,
     eval) and its info (``train_seconds``, ``median_step_ms``, ``final_loss``, ``bn_batches``, and
     ``bn_stats_before_reestimate``: the BN buffers as training left them, a partial state dict, empty without the
-    re-estimation). ``prepare(model)``, if given, runs
-    right after the conversion (e.g. to swap the weight quantizer of a baseline)."""
+    re-estimation). ``prepare(model)``, if given, runs right after the conversion (e.g. to swap the weight quantizer
+    of a baseline).
+
+    ``progressive``: earlier stages ``[(alphabet, epochs), ...]`` trained in order before the final
+    ``recipe.qat_epochs`` epochs on ``alphabet`` (spec 3.5's progressive alphabets, e.g. ``[("odd", 1), ("1357", 1)]``
+    before ``"13"``). Each stage has its own cosine schedule from the QAT learning rate and a fresh optimizer; the
+    layers move between sets with ``lrkern.asm.set_alphabet``; the activation scales freeze after
+    ``recipe.act_freeze_epochs`` epochs counted over all stages."""
+    stages = [(a, float(e)) for a, e in progressive] + [(alphabet, float(recipe.qat_epochs))]
+    for a, e in stages:
+        parse_alphabet(a)
+        if not e > 0:
+            raise ValueError(f"progressive: every stage needs positive epochs, got {e!r} for alphabet {a!r}")
     model = copy.deepcopy(fp_model)
-    convert(model, alphabet, w_bits, a_bits, all_layers=all_layers, scale=scale, act_scale=act_scale,
+    convert(model, stages[0][0], w_bits, a_bits, all_layers=all_layers, scale=scale, act_scale=act_scale,
             input_norm=input_norm)
     if prepare is not None:
         prepare(model)
@@ -254,19 +267,26 @@ def qat(fp_model: nn.Module, alphabet, train, seed: int = 0, recipe: Recipe = Re
     torch.manual_seed(seed)
     loader = batches(*train, recipe.batch, shuffle=True, seed=seed + 1000)
     calibrate(model, loader, recipe.calib_batches)
-    steps = StepLoader(loader, recipe.qat_epochs)
+    stage_steps = [StepLoader(loader, e) for _, e in stages]
+    total = sum(len(st) for st in stage_steps)
     # Freeze after the step that ends act_freeze_epochs epochs (or after the last step, if QAT is shorter).
-    freeze_at = min(round(recipe.act_freeze_epochs * len(loader)), len(steps)) - 1
+    freeze_at = min(round(recipe.act_freeze_epochs * len(loader)), total) - 1
     if freeze_at < 0:
         freeze_act_scales(model)
-
-    def after_step(step: int, m: nn.Module) -> None:
-        if step == freeze_at:
-            freeze_act_scales(m)
-
     t0 = time.perf_counter()
-    log = train_epochs(model, steps, 1, lambda p: _optimizer(p, recipe.lr * recipe.qat_lr_factor, recipe),
-                       "cosine", step_callback=after_step)
+    losses, step_ms, done = [], [], 0
+    for (a, _), steps in zip(stages, stage_steps):
+        set_alphabet(model, a)
+
+        def after_step(step: int, m: nn.Module, offset=done) -> None:
+            if offset + step == freeze_at:
+                freeze_act_scales(m)
+
+        log = train_epochs(model, steps, 1, lambda p: _optimizer(p, recipe.lr * recipe.qat_lr_factor, recipe),
+                           "cosine", step_callback=after_step)
+        losses += log.losses
+        step_ms.append(log.median_step_ms)
+        done += len(steps)
     train_s = time.perf_counter() - t0
     before = {}
     if recipe.bn_batches:
@@ -278,12 +298,13 @@ def qat(fp_model: nn.Module, alphabet, train, seed: int = 0, recipe: Recipe = Re
     unfrozen = [q for q in model.modules() if isinstance(q, ActQuantizer) and not bool(q.frozen)]
     if unfrozen:
         raise RuntimeError(f"{len(unfrozen)} activation quantizers were never calibrated (unused layers?)")
-    info = {"train_seconds": train_s, "median_step_ms": log.median_step_ms, "steps": len(steps),
-            "final_loss": statistics.fmean(log.losses[-min(50, len(log.losses)):]),
+    info = {"train_seconds": train_s, "median_step_ms": statistics.median(step_ms), "steps": total,
+            "final_loss": statistics.fmean(losses[-min(50, len(losses)):]),
             "bn_batches": recipe.bn_batches, "bn_stats_before_reestimate": before}
     if verbose:
-        print(f"lrkern.asm: QAT {alphabet} seed {seed}: {recipe.qat_epochs:g} epochs, {train_s:.0f} s "
-              f"({log.median_step_ms:.0f} ms/step), final loss {info['final_loss']:.4f}", flush=True)
+        what = " -> ".join(f"{a} ({e:g} ep)" for a, e in stages) if progressive else f"{alphabet}"
+        print(f"lrkern.asm: QAT {what} seed {seed}: {sum(e for _, e in stages):g} epochs, {train_s:.0f} s "
+              f"({info['median_step_ms']:.0f} ms/step), final loss {info['final_loss']:.4f}", flush=True)
     return model, info
 
 
