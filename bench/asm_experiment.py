@@ -220,6 +220,18 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def train_arm(arm: str, fp_model, seed: int, train, args, recipe: Recipe):
+    """QAT of one (non-fp32) arm from the seed's FP model: ``(model, info)`` of ``lrkern.asm.train.qat``."""
+    method, alphabet = ARMS[arm]
+    progressive = ()
+    if method == "asm-progressive":
+        third = recipe.qat_epochs / (len(PROGRESSIVE) + 1)
+        progressive, recipe = [(a, third) for a in PROGRESSIVE], dataclasses.replace(recipe, qat_epochs=third)
+    return qat(fp_model, alphabet, train, seed, recipe, args.w_bits, args.a_bits, scale=args.scale,
+               act_scale=args.act_scale, prepare=ao_weight_quant if method == "ao-uniform" else None,
+               progressive=progressive)
+
+
 def run_arm(arm: str, fp_model, fp_info: dict, seed: int, train, test, args, recipe: Recipe) -> dict:
     method, alphabet = ARMS[arm]
     shape = (1,) + tuple(test[0].shape[1:])
@@ -228,13 +240,7 @@ def run_arm(arm: str, fp_model, fp_info: dict, seed: int, train, test, args, rec
         out = {"seed": seed, "accuracy": fp_info["test_accuracy"], "train_seconds": fp_info.get("train_seconds")}
         out.update(arm_energy(method, fp_model, shape))
         return out
-    progressive = ()
-    if method == "asm-progressive":
-        third = recipe.qat_epochs / (len(PROGRESSIVE) + 1)
-        progressive, recipe = [(a, third) for a in PROGRESSIVE], dataclasses.replace(recipe, qat_epochs=third)
-    model, info = qat(fp_model, alphabet, train, seed, recipe, args.w_bits, args.a_bits, scale=args.scale,
-                      act_scale=args.act_scale, prepare=ao_weight_quant if method == "ao-uniform" else None,
-                      progressive=progressive)
+    model, info = train_arm(arm, fp_model, seed, train, args, recipe)
     t_train = time.perf_counter()
     acc = evaluate(model, *test, mode="train")
     acc_training_bn = None
@@ -294,8 +300,9 @@ def projection(args, runs: dict, fp_step_ms: list[float]) -> str | None:
             f"batch {args.batch}): about {total / 60:.0f} min")
 
 
-def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(description: str = __doc__) -> argparse.ArgumentParser:
+    """The experiment's options (shared with bench/asm_emulate_check.py)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="fashion", choices=["fashion", "mnist"])
     ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
     ap.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. seeds-1)")
@@ -323,13 +330,22 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--emulate-n", type=int, default=32, help="test images for the emulate == exact bitwise check")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--no-record", action="store_true")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def recipe_from(args) -> Recipe:
     if args.epochs is not None:
         args.fp_epochs = args.qat_epochs = args.epochs
+    return Recipe(fp_epochs=args.fp_epochs, qat_epochs=args.qat_epochs, batch=args.batch, lr=args.lr,
+                  blocks_per_stage=args.blocks_per_stage, bn_batches=args.bn_batches,
+                  act_freeze_epochs=args.act_freeze_epochs)
+
+
+def main(argv=None) -> list[dict]:
+    ap = parser()
+    args = ap.parse_args(argv)
+    recipe = recipe_from(args)
     seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
-    recipe = Recipe(fp_epochs=args.fp_epochs, qat_epochs=args.qat_epochs, batch=args.batch, lr=args.lr,
-                    blocks_per_stage=args.blocks_per_stage, bn_batches=args.bn_batches,
-                    act_freeze_epochs=args.act_freeze_epochs)
     t_start = time.perf_counter()
     train, test, _ = load_data(args.dataset, args.n_train, args.n_test)
     args.n_train_actual, args.n_test_actual = int(train[0].shape[0]), int(test[0].shape[0])
