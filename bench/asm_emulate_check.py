@@ -27,7 +27,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from bench import asm_experiment as X  # noqa: E402
-from bench.common import device_name, git_commit  # noqa: E402
+from bench.common import device_name, git_commit, merge_rows, write_md_section  # noqa: E402
 from lrkern.asm.train import fp_checkpoint, load_data, logits  # noqa: E402
 
 KEY = ("dataset", "method", "alphabet", "bits", "seed")
@@ -69,25 +69,10 @@ def markdown(rows: list[dict]) -> str:
 
 
 def record(rows: list[dict]) -> None:
-    data = json.loads(X.JSON.read_text()) if X.JSON.is_file() else {}
-    old = data.get("emulate_check", [])
-    index = {tuple(r.get(k) for k in KEY): i for i, r in enumerate(old)}
-    for r in rows:
-        k = tuple(r.get(f) for f in KEY)
-        if k in index:
-            old[index[k]] = r
-        else:
-            index[k] = len(old)
-            old.append(r)
-    data["emulate_check"] = old
+    data = X.load_results()
+    data["emulate_check"] = merge_rows(data.get("emulate_check", []), rows, KEY)
     X.JSON.write_text(json.dumps(data, indent=1) + "\n")
-    text = X.MD.read_text() if X.MD.is_file() else "# ASM results\n"
-    if MD_BEGIN in text and MD_END in text:
-        head, rest = text.split(MD_BEGIN, 1)
-        text = head + markdown(old) + rest.split(MD_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + markdown(old) + "\n"
-    X.MD.write_text(text)
+    write_md_section(X.MD, MD_BEGIN, MD_END, markdown(data["emulate_check"]), "# ASM results")
 
 
 def main(argv=None) -> list[dict]:

@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, device_name, git_commit  # noqa: E402
+from bench.common import RESULTS, device_name, git_commit, merge_rows, write_md_section  # noqa: E402
 from lrkern.asm import asm_layers, energy  # noqa: E402
 from lrkern.asm.energy import fp32_energy  # noqa: E402
 from lrkern.asm.train import Recipe, evaluate, fp_checkpoint, load_data, logits, qat  # noqa: E402
@@ -145,27 +145,10 @@ def load_results() -> dict:
 
 def record(rows: list[dict]) -> None:
     data = load_results()
-    old = data.get("accuracy", [])
-    index = {tuple(r.get(k) for k in KEY): i for i, r in enumerate(old)}
-    for r in rows:
-        k = tuple(r.get(f) for f in KEY)
-        if k in index:
-            old[index[k]] = r
-        else:
-            index[k] = len(old)
-            old.append(r)
-    data["accuracy"] = old
+    data["accuracy"] = merge_rows(data.get("accuracy", []), rows, KEY)
     RESULTS.mkdir(parents=True, exist_ok=True)
     JSON.write_text(json.dumps(data, indent=1) + "\n")
-    section = markdown(old)
-    text = MD.read_text() if MD.is_file() else "# ASM results\n"
-    if MD_BEGIN in text and MD_END in text:
-        head, rest = text.split(MD_BEGIN, 1)
-        tail = rest.split(MD_END, 1)[1]
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    MD.write_text(text)
+    write_md_section(MD, MD_BEGIN, MD_END, markdown(data["accuracy"]), "# ASM results")
 
 
 def _f(v, fmt="{:.2f}"):

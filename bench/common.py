@@ -316,6 +316,32 @@ def record(rows: list[Row], device: torch.device) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- table
 
+def merge_rows(rows: list[dict], new, key: tuple[str, ...]) -> list[dict]:
+    """``rows`` with each row of ``new`` replacing the row with the same ``key`` fields (or appended); in place."""
+    index = {tuple(r.get(k) for k in key): i for i, r in enumerate(rows)}
+    for r in new:
+        k = tuple(r.get(f) for f in key)
+        if k in index:
+            rows[index[k]] = r
+        else:
+            index[k] = len(rows)
+            rows.append(r)
+    return rows
+
+
+def write_md_section(path: Path, begin: str, end: str, section: str, title: str) -> None:
+    """Replace the text between the ``begin`` and ``end`` markers of the Markdown file ``path`` by ``section`` (which
+    carries the markers itself), or append it; a new file starts with ``title``."""
+    text = path.read_text() if path.is_file() else title + "\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def format_params(params: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in params.items())
 

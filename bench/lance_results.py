@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from bench.common import RESULTS, git_commit
+from bench.common import RESULTS, git_commit, merge_rows
 
 JSON = RESULTS / "lance.json"
 MD = RESULTS / "lance.md"
@@ -25,22 +25,10 @@ def _load() -> dict:
     return {"finetune": [], "continual": []}
 
 
-def _merge(rows: list[dict], new: list[dict], key) -> list[dict]:
-    index = {tuple(r.get(k) for k in key): i for i, r in enumerate(rows)}
-    for r in new:
-        k = tuple(r.get(f) for f in key)
-        if k in index:
-            rows[index[k]] = r
-        else:
-            index[k] = len(rows)
-            rows.append(r)
-    return rows
-
-
 def record(finetune: list[dict] = (), continual: list[dict] = ()) -> None:
     data = _load()
-    data["finetune"] = _merge(data.get("finetune", []), list(finetune), FINETUNE_KEY)
-    data["continual"] = _merge(data.get("continual", []), list(continual), CONTINUAL_KEY)
+    data["finetune"] = merge_rows(data.get("finetune", []), list(finetune), FINETUNE_KEY)
+    data["continual"] = merge_rows(data.get("continual", []), list(continual), CONTINUAL_KEY)
     RESULTS.mkdir(parents=True, exist_ok=True)
     JSON.write_text(json.dumps(data, indent=1) + "\n")
     MD.write_text(markdown(data))
