@@ -57,12 +57,11 @@ ARMS = {"fp32": ("fp32", None), "uniform": ("uniform", "odd"), "1357": ("asm", "
 PROGRESSIVE = ("odd", "1357")
 DEFAULT_ARMS = ["fp32", "ao-uniform", "uniform", "1357", "13", "1"]
 ALPHABET_LABEL = {None: "-", "odd": "{1,3,...,15}", "1357": "{1,3,5,7}", "13": "{1,3}", "1": "{1}"}
-# Default epochs: chosen so that a whole default run (3 seeds, 5 arms, full Fashion-MNIST) fits about 40 minutes on
-# 2 shared CPU cores. Measured (torch 2.13 CPU, 2 threads, load ~4 from other jobs): FP 324 ms/step, QAT 400 ms/step
-# (batch 128, 469 steps per epoch), evaluation ~16 s per arm (10k train-mode + 2k train-mode + 2k exact), emulation
-# check ~1 s. So one seed costs FP 1 epoch ~250 s + 4 arms x (0.4 epoch ~112 s + 17 s) ~ 760 s, and 3 seeds ~38 min
-# (less on an idle machine). FP 2 + QAT 1 epochs measured 494 s + 4 x 317 s per seed (88 min for 3 seeds). Each run
-# prints its own projection of the default run at the end.
+# Default epochs FP 2 + QAT 1 (the recorded runs). Measured on 2 otherwise idle EPYC threads (torch 2.13 CPU, batch 128,
+# 469 steps per epoch): FP 78 ms/step (2 epochs ~120 s, once per seed, then cached), QAT 96-115 ms/step (~50-80 s per
+# arm), evaluation 10-17 s per arm (10k + 2k train-mode, 2k exact), BN re-estimation and emulation check ~1 s. So a
+# seed costs about 2 + 5 x 1.5 min, and the default run (3 seeds, 5 QAT arms) about 30 min; each run prints its own
+# projection at the end. Concurrent jobs on the same cores slow it 2-5x.
 DEFAULT_FP_EPOCHS = 2
 DEFAULT_QAT_EPOCHS = 1
 DEFAULT_EXACT_N = 2000
