@@ -9,6 +9,7 @@ import sys
 from glob import glob
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 # The Triton kernels live in lrkern/kernels, never in a top-level ``kernels`` folder: that import name belongs to
 # another PyPI project which transformers imports, and a repo-root folder would shadow it for any script run there.
@@ -16,7 +17,24 @@ from setuptools import find_packages, setup
 # left out of a non-editable install.
 packages = find_packages(include=["lrkern", "lrkern.*"])
 
-ext_modules, cmdclass = [], {}
+
+
+class BuildPyWithCudaSources(build_py):
+    """Ships the CUDA C kernels (``csrc/cuda/*.cu``, self-contained: no includes) inside the package as
+    ``lrkern/_cuda/`` for non-editable installs; their launchers compile them at run time with CuPy (NVRTC) and look
+    there when the source tree is absent (``lrkern.kernels.cuda_lif.source_path``)."""
+
+    def run(self):
+        super().run()
+        if self.dry_run:
+            return
+        dest = os.path.join(self.build_lib, "lrkern", "_cuda")
+        self.mkpath(dest)
+        for src in sorted(glob("csrc/cuda/*.cu")):
+            self.copy_file(src, os.path.join(dest, os.path.basename(src)))
+
+
+ext_modules, cmdclass = [], {"build_py": BuildPyWithCudaSources}
 if os.environ.get("LRKERN_SKIP_EXT") != "1":
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
