@@ -142,7 +142,7 @@ def bench_stm(device, backends, meta, quick: bool) -> list[dict]:
     backend that implements the op, at a video-like shape and a big one (T = 16)."""
     from lrkern.ops import stm as stm_ops
 
-    backends = [b for b in backends if stm_ops._fwd._targets.get(b) is not None]  # no CUDA C STM
+    backends = [b for b in backends if stm_ops._fwd._targets.get(b) is not None]  # those the op has
     shapes = [(16, 8, 128, 6, 6)] if quick else [(16, 8, 128, 6, 6), (16, 16, 64, 32, 32)]
     dtypes = [torch.float32, torch.float16] if device.type == "cuda" else [torch.float32]
     rows = []

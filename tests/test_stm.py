@@ -13,6 +13,9 @@ from lrkern.spiking import LIF
 from lrkern.spiking.stm import STM
 from tests.helpers import DTYPE_IDS, DTYPES, TOLERANCE, SurrogateSpike, err_ratio
 
+# The `backend` fixture also runs lrkern's CUDA C backend (CuPy) here, where a GPU and CuPy are present.
+CUDA_C_OPS = True
+
 RHO = math.exp(-0.25)
 OPTS = [  # (v_reset (None = soft), decay_input, detach_reset, surrogate)
     (0.0, True, False, "sigmoid"), (0.0, True, True, "atan"), (None, True, False, "atan"),

@@ -3,8 +3,9 @@
 //   g++ -x c++ -std=c++17 -O2 -ffp-contract=off -include csrc/cuda/cpu_shim.h file_that_includes_lif.cu
 //
 // It defines what the kernels take from CUDA: the function qualifiers, the thread-index variables (set by the
-// caller, which loops a kernel over a simulated grid, see lk_launch), the IEEE-rounded arithmetic intrinsics, the
-// bit casts, and fp16 conversions with round-to-nearest-even in software. -ffp-contract=off keeps g++ from fusing a
+// caller, which loops a kernel over a simulated grid, see lk_launch and lk_launch_grid), the IEEE-rounded arithmetic
+// intrinsics, the bit casts, fp16 conversions with round-to-nearest-even in software, and for kernels that
+// synchronise, __shared__ memory and __syncthreads (lk_launch_grid). -ffp-contract=off keeps g++ from fusing a
 // multiply and an add into an FMA, which the GPU build forbids with --fmad=false and the *_rn intrinsics.
 #pragma once
 
@@ -12,13 +13,21 @@
 
 #include <math.h>  // ::expf, as CUDA device code has it
 
+#include <ucontext.h>  // the simulated threads of lk_launch_grid are coroutines
+
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <type_traits>
+#include <vector>
 
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
+// Blocks run one after another on one OS thread, so a function-local static is the running block's shared memory.
+#define __shared__ static
 
 struct lk_uint3 {
   unsigned int x = 0, y = 0, z = 0;
@@ -91,4 +100,87 @@ inline void lk_launch(unsigned int grid, unsigned int block, Kernel kernel, Args
       kernel(args...);
     }
   }
+}
+
+// lk_launch_grid's simulated threads: each one is a coroutine (ucontext) with its own stack, so a kernel can wait at
+// __syncthreads until every thread of its block has arrived, as on the GPU.
+struct lk_block_state {
+  ucontext_t scheduler;
+  std::vector<ucontext_t> threads;
+  std::vector<unsigned char> where;  // per thread: 0 runnable, 1 waiting at a barrier, 2 returned
+  unsigned int current = 0;
+  void (*body)(void*) = nullptr;  // runs the kernel with its arguments
+  void* body_arg = nullptr;
+};
+inline thread_local lk_block_state* lk_block = nullptr;
+
+inline void __syncthreads() {
+  lk_block_state* b = lk_block;
+  if (b == nullptr) {  // lk_launch runs each thread to its end, so it cannot run a kernel that synchronises
+    std::fputs("cpu_shim.h: __syncthreads in a kernel run by lk_launch; launch it with lk_launch_grid\n", stderr);
+    std::abort();
+  }
+  b->where[b->current] = 1;
+  swapcontext(&b->threads[b->current], &b->scheduler);
+}
+
+inline void lk_thread_entry() {
+  lk_block_state* b = lk_block;
+  b->body(b->body_arg);
+  b->where[b->current] = 2;  // then uc_link resumes the scheduler
+}
+
+// Runs kernel(args...) over a grid of grid_x * grid_y blocks of `block` threads. Within a block the threads run one
+// at a time, in index order (reverse = false) or in reverse, each until it returns or reaches __syncthreads; once
+// every thread waits there, all resume. Running the same launch in both orders shows a missing barrier as a
+// different result. Returns 0, or -2 when a block's threads did not all reach the same barrier (some returned or
+// took another path while others waited: undefined behaviour on the GPU).
+template <typename Kernel, typename... Args>
+inline int lk_launch_grid(unsigned int grid_x, unsigned int grid_y, unsigned int block, bool reverse, Kernel kernel,
+                          Args... args) {
+  constexpr size_t kStack = 64 * 1024;
+  auto call = [&]() { kernel(args...); };
+  lk_block_state state;
+  state.threads.resize(block);
+  state.where.resize(block);
+  state.body = [](void* f) { (*static_cast<decltype(call)*>(f))(); };
+  state.body_arg = &call;
+  std::unique_ptr<unsigned char[]> stacks(new unsigned char[static_cast<size_t>(block) * kStack]);  // not zeroed
+  gridDim = {grid_x, grid_y, 1};
+  blockDim = {block, 1, 1};
+  lk_block = &state;
+  int rc = 0;
+  for (unsigned int by = 0; by < grid_y && rc == 0; ++by) {
+    for (unsigned int bx = 0; bx < grid_x && rc == 0; ++bx) {
+      blockIdx = {bx, by, 0};
+      for (unsigned int t = 0; t < block; ++t) {
+        ucontext_t& c = state.threads[t];
+        getcontext(&c);
+        c.uc_stack.ss_sp = stacks.get() + static_cast<size_t>(t) * kStack;
+        c.uc_stack.ss_size = kStack;
+        c.uc_link = &state.scheduler;
+        makecontext(&c, lk_thread_entry, 0);
+        state.where[t] = 0;
+      }
+      for (;;) {
+        for (unsigned int i = 0; i < block; ++i) {
+          const unsigned int t = reverse ? block - 1 - i : i;
+          if (state.where[t] != 0) continue;
+          state.current = t;
+          threadIdx = {t, 0, 0};
+          swapcontext(&state.scheduler, &state.threads[t]);
+        }
+        unsigned int waiting = 0;
+        for (unsigned char w : state.where) waiting += w == 1;
+        if (waiting == 0) break;  // every thread returned
+        if (waiting != block) {
+          rc = -2;
+          break;
+        }
+        for (unsigned char& w : state.where) w = 0;
+      }
+    }
+  }
+  lk_block = nullptr;
+  return rc;
 }

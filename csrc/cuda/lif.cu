@@ -28,6 +28,8 @@
 #error "lif.cu compiles with NVRTC / nvcc, or as C++ with -include csrc/cuda/cpu_shim.h"
 #endif
 
+// lk-common begin: storage types, conversions and the surrogate, kept verbatim in every .cu of this folder (NVRTC
+// compiles each file alone, without includes); tests/test_stm_cuda_source.py checks that the copies agree.
 // 16-bit storage words. Distinct types, so the templates below pick the right conversion.
 struct lk_f16 {
   unsigned short bits;
@@ -81,6 +83,7 @@ __device__ __forceinline__ float lk_surrogate(float d, float alpha, float atan_s
     return __fmul_rn(__fmul_rn(alpha, sg), __fsub_rn(1.0f, sg));
   }
 }
+// lk-common end
 
 // Forward. x, s, h: [T, N] in T's storage; v0, v_last: [N] fp32; v_seq: [T, N] fp32, touched only when STORE.
 // SOFT: soft reset (charge towards 0, subtract the threshold on a spike); else hard reset to v_reset.

@@ -10,29 +10,10 @@
 #endif
 
 #include "lif.cu"
+#include "cpu_driver.h"
 
-namespace {
-
-template <typename F>
-void pick(bool b, F&& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
-template <typename F>
-int pick_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case 0: f(static_cast<float*>(nullptr)); return 0;
-    case 1: f(static_cast<lk_f16*>(nullptr)); return 0;
-    case 2: f(static_cast<lk_bf16*>(nullptr)); return 0;
-    default: return -1;
-  }
-}
-
-}  // namespace
+using lk_driver::pick;
+using lk_driver::pick_dtype;
 
 extern "C" int lk_lif_fwd(int dtype, int soft, int decay, int store, const void* x, const float* v0, void* s, void* h,
                           float* v_last, float* v_seq, long long steps, long long n, float tau, float v_threshold,

@@ -3,8 +3,8 @@
 The kernels are ``csrc/cuda/lif.cu`` (one thread per neuron, loop over T, the reference's fp32 operations in the
 reference's order, so fp32 spikes, h, v_last and v_seq are bit-identical to ``lrkern/reference/lif.py``). Each
 (direction, dtype, flags) combination is one template instantiation, compiled on first use with ``--fmad=false`` and
-cached (in memory here, on disk by CuPy under ``~/.cupy/kernel_cache``). Tensors stay torch tensors: outputs are
-allocated by torch, kernels get raw pointers, and run on torch's current stream of the tensors' device.
+cached (``lrkern.kernels._cuda_c``, which this launcher shares with ``cuda_stm``). Tensors stay torch tensors:
+outputs are allocated by torch, kernels get raw pointers, and run on torch's current stream of the tensors' device.
 
 CuPy is optional: this module imports it lazily, and the dispatcher only selects the ``cuda`` backend when it is
 forced and ``why_unavailable("cuda", device)`` found CuPy importable and able to compile (``lrkern.spiking.LIF``
@@ -13,90 +13,39 @@ falls back to Triton with a warning otherwise). Same signatures as ``lrkern/kern
 from __future__ import annotations
 
 import math
-import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lrkern._alloc import empty
+from lrkern.kernels import _cuda_c
+from lrkern.kernels._cuda_c import CTYPES as _CTYPES
+from lrkern.kernels._cuda_c import OPTIONS  # noqa: F401  (part of this module's interface, read by the tests)
+from lrkern.kernels._cuda_c import flag as _flag
 
 SIGMOID, ATAN = 0, 1
 # Threads (neurons) per block. Each thread's T steps are serial; bandwidth comes from many resident warps.
 # TODO(gpu): tune on H100 (and try 2-wide / 4-wide vector loads); never measured on a GPU.
 BLOCK = 256
-# NVRTC options: no FMA contraction (the kernels also use the *_rn intrinsics), C++17 for `if constexpr`.
-OPTIONS = ("--fmad=false", "-std=c++17")
-_CTYPES = {torch.float32: "float", torch.float16: "lk_f16", torch.bfloat16: "lk_bf16"}
-
-_lock = threading.Lock()
-_source: str | None = None
-_kernels: dict[str, object] = {}  # name expression -> cupy.RawKernel (which caches its binary per device)
-_streams: dict[tuple[int, int], object] = {}
+SOURCE = "lif.cu"
 
 
 def source_path() -> Path:
     """``lif.cu`` in the source tree (editable installs, the repo), else a copy shipped inside the package."""
-    here = Path(__file__).resolve()
-    candidates = [here.parents[2] / "csrc" / "cuda" / "lif.cu", here.parents[1] / "_cuda" / "lif.cu"]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError("the CUDA C source lif.cu was not found; looked in " + ", ".join(map(str, candidates)))
+    return _cuda_c.source_path(SOURCE)
 
 
 def _code() -> str:
-    global _source
-    if _source is None:
-        _source = source_path().read_text()
-    return _source
-
-
-def _flag(b: bool) -> str:
-    return "true" if b else "false"
-
-
-def _kernel(name: str):
-    """The RawKernel for template instantiation ``name`` (compiled for the current device on its first launch)."""
-    kernel = _kernels.get(name)
-    if kernel is None:
-        import cupy
-
-        with _lock:
-            kernel = _kernels.get(name)
-            if kernel is None:
-                module = cupy.RawModule(code=_code(), options=OPTIONS, name_expressions=[name])
-                kernel = module.get_function(name)
-                _kernels[name] = kernel
-    return kernel
-
-
-def _stream(index: int):
-    """torch's current stream on device ``index`` as a CuPy stream (call with that device current in CuPy)."""
-    import cupy
-
-    ptr = torch.cuda.current_stream(index).cuda_stream
-    stream = _streams.get((index, ptr))
-    if stream is None:
-        stream = _streams[(index, ptr)] = cupy.cuda.ExternalStream(ptr)
-    return stream
+    return _cuda_c.code(SOURCE)
 
 
 def _launch(name: str, device: torch.device, n: int, args: tuple) -> None:
-    import cupy
-
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with cupy.cuda.Device(index):
-        kernel = _kernel(name)
-        with _stream(index):  # the launch goes to CuPy's current stream, which is now torch's
-            kernel(((n + BLOCK - 1) // BLOCK,), (BLOCK,), args)
+    _cuda_c.launch(SOURCE, name, device, ((n + BLOCK - 1) // BLOCK,), (BLOCK,), args)
 
 
 def _check(name: str, t: torch.Tensor, dtypes) -> None:
-    if t.device.type != "cuda" or not t.is_contiguous() or t.dtype not in dtypes:
-        raise ValueError(f"cuda_lif: {name} must be a contiguous CUDA tensor of dtype "
-                         f"{' or '.join(map(str, dtypes))}, got {t.dtype} on {t.device}"
-                         f"{'' if t.is_contiguous() else ' (non-contiguous)'}")
+    _cuda_c.check("cuda_lif", name, t, dtypes)
 
 
 def lif_forward(x: torch.Tensor, v0: torch.Tensor, tau: float, v_threshold: float, v_reset: float, soft_reset: bool,

@@ -9,7 +9,8 @@ instead of falling back, so a benchmark or test never measures something other t
 Triton runs CPU tensors only under ``TRITON_INTERPRET=1``, which must be set before Triton is first imported.
 
 ``cuda`` is CUDA C from the project's sources (``csrc/cuda``), compiled at run time by CuPy (an optional dependency);
-only some ops have it (``lif_multistep``), and automatic selection never picks it: it runs only when forced.
+only some ops have it (``lif_multistep``, ``stm_multistep``), and automatic selection never picks it: it runs
+only when forced.
 """
 from __future__ import annotations
 

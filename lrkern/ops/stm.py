@@ -7,8 +7,9 @@ is time-major ``u [T, B, C, *spatial]``. Each backend gives a program (or thread
 row and loops over T inside it with the membrane and the trace in fp32 registers: the forward reads u once and writes
 the spikes and H once. The backward is its own registered op (``stm_multistep_backward``, so compiled graphs trace
 it): with beta it first rebuilds the trace by a forward sweep over the saved spikes into an fp32 scratch (one extra
-read of the spikes; the scratch is [T, N] fp32 on Triton, [T, 512] per thread on the C++ backend), then sweeps in
-reverse, reading grad_s, H, S (and u) once and writing grad_u once.
+read of the spikes; the scratch is [T, N] fp32 on Triton and CUDA C, [T, 512] per thread on the C++ backend), then
+sweeps in reverse, reading grad_s, H, S (and u) once and writing grad_u once. Backends: Triton (the CUDA default),
+C++ (the CPU default), the reference, and CUDA C (``csrc/cuda/stm.cu`` through CuPy), which runs only when forced.
 
 What autograd keeps: H in u's dtype plus the spikes (which the next layer usually keeps anyway); S is never recomputed
 from a rounded H. u itself (and v0) is kept only when gain or tau needs a gradient: those two gradients need the input
@@ -26,9 +27,11 @@ from lrkern.ops._dispatch import Dispatcher, forced_backend, forced_scope
 from lrkern.ops.lif import SURROGATES
 
 _fwd = Dispatcher("stm_multistep", reference="lrkern.reference.stm:stm_forward",
-                  triton="lrkern.kernels.stm:stm_forward", cpp="lrkern.ops._cpp:stm_forward")
+                  triton="lrkern.kernels.stm:stm_forward", cpp="lrkern.ops._cpp:stm_forward",
+                  cuda="lrkern.kernels.cuda_stm:stm_forward")
 _bwd = Dispatcher("stm_multistep_backward", reference="lrkern.reference.stm:stm_backward",
-                  triton="lrkern.kernels.stm:stm_backward", cpp="lrkern.ops._cpp:stm_backward")
+                  triton="lrkern.kernels.stm:stm_backward", cpp="lrkern.ops._cpp:stm_backward",
+                  cuda="lrkern.kernels.cuda_stm:stm_backward")
 
 DEFAULT_RHO = math.exp(-0.25)  # a 4-step spike trace (spec 3.2)
 
