@@ -47,7 +47,7 @@ from lrkern.asm.train import Recipe, evaluate, fp_checkpoint, load_data, logits,
 
 JSON = RESULTS / "asm.json"
 MD = RESULTS / "asm.md"
-KEY = ("dataset", "method", "alphabet", "bits")
+KEY = ("dataset", "method", "alphabet", "bits", "act_scale")
 MD_BEGIN, MD_END = "<!-- asm_experiment:begin -->", "<!-- asm_experiment:end -->"
 
 # arm -> (method, alphabet name)
@@ -130,7 +130,8 @@ def aggregate(dataset: str, arm: str, runs: list[dict], args, recipe: Recipe, en
         elif all(isinstance(v, (int, float)) for v in vals):
             row[k] = max(vals) if k.startswith("max_") else _mean(vals)
     row.update(n_train=args.n_train_actual, n_test=args.n_test_actual, fp_epochs=recipe.fp_epochs,
-               qat_epochs=0 if method == "fp32" else recipe.qat_epochs, scale=args.scale, act_scale=args.act_scale,
+               qat_epochs=0 if method == "fp32" else recipe.qat_epochs, scale=args.scale,
+               act_scale="-" if method == "fp32" else args.act_scale,
                blocks_per_stage=recipe.blocks_per_stage, act_freeze_epochs=recipe.act_freeze_epochs,
                bn_batches_recipe=recipe.bn_batches, **env)
     return row
@@ -169,14 +170,13 @@ def markdown(rows: list[dict]) -> str:
            "uniform = conventional W4A4 MACs; ASM = the shift-add datapath with placeholder select/shift costs, "
            "brackets [select = shift = 0, = E_add(n)]. Memory: weights (ASM codes) and input activations read once "
            "from an 8 KB SRAM (10 pJ / 64 bit).", "",
-           "| dataset | method | alphabet | bits | accuracy % (± std, seeds) | without BN re-estimation % | "
-           "exact-mode acc. % (train mode on the "
-           "same images) | emulate == exact | "
+           "| dataset | method | alphabet | bits | act. scale | accuracy % (± std, seeds) | "
+           "without BN re-estimation % | exact-mode acc. % (train mode on the same images) | emulate == exact | "
            "compute pJ [brackets] | vs conventional [brackets] | with memory pJ | vs conventional | epochs FP+QAT | "
            "train / test |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["dataset"], r["method"] != "fp32", r["bits"], order.get(r["method"], 9),
-                                         -len(r["alphabet"]))):
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["dataset"], r["method"] != "fp32", r["bits"], r.get("act_scale", ""),
+                                         order.get(r["method"], 9), -len(r["alphabet"]))):
         acc = f"{r['accuracy']:.2f} ± {r.get('accuracy_std', 0):.2f} ({len(r.get('seeds', []))})"
         e = _f(r["energy_pj_per_inference"], "{:,.0f}")
         if "energy_pj_select_shift_0" in r:
@@ -189,8 +189,9 @@ def markdown(rows: list[dict]) -> str:
         exact = ""
         if r.get("accuracy_exact") is not None:
             exact = (f"{r['accuracy_exact']:.2f} ({r['accuracy_train_on_exact_subset']:.2f}, "
-                     f"{r.get('n_exact', '')} img)")
-        out.append(f"| {r['dataset']} | {r['method']} | {r['alphabet']} | {r['bits']} | {acc} | "
+                     f"{int(r['n_exact']) if r.get('n_exact') else ''} img)")
+        out.append(f"| {r['dataset']} | {r['method']} | {r['alphabet']} | {r['bits']} | {r.get('act_scale', '')} | "
+                   f"{acc} | "
                    f"{_f(r.get('accuracy_training_bn_stats'))} | "
                    f"{exact} | {emul} | {e} | {ratio} | "
                    f"{_f(r.get('energy_with_memory_pj'), '{:,.0f}')} | {ratio_mem} | "
