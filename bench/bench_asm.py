@@ -27,11 +27,13 @@ if __package__ in (None, ""):
 import torch
 
 import lrkern  # noqa: F401  (registers the ops)
-from bench.common import RESULTS, bench_ms, cache_note, metadata
+from bench.common import RESULTS, bench_ms, cache_note, metadata, write_md_section
 from lrkern.asm.alphabet import ALPHABETS, representable_magnitudes
 from lrkern.ops._dispatch import select_backend
 
 OUT = RESULTS / "asm.json"
+MD = RESULTS / "asm.md"
+MD_BEGIN, MD_END = "<!-- bench_asm:begin -->", "<!-- bench_asm:end -->"
 SHAPES = [(256, 576, 64), (1024, 1152, 128), (128, 1024, 1024)]  # (M, K, N)
 CONFIGS = [("1357", 4, 4), ("1357", 8, 8)]  # (alphabet, w_bits, a_bits)
 
@@ -123,14 +125,43 @@ def targets(rows: list[dict]) -> list[str]:
             f"K={worst['K']} ({len(fast)} shapes) {'met' if ok else 'NOT MET'}"]
 
 
+def markdown(speed: dict) -> str:
+    """The "speed" entries (per device type) as the speed section of bench/results/asm.md."""
+    out = [MD_BEGIN, "## GEMM speed (`bench/bench_asm.py`)", "",
+           "Median time of one call: `emulated` = `asm_gemm_emulate` (the shift-add datapath, a bit-exact oracle), "
+           "`fast` = `asm_gemm` (the exact integer path), `plain_gemm` = `x.float() @ w.float().T` from the same "
+           "integers (conversions included). Target: fast <= 1.3x plain_gemm.", ""]
+    for dev, entry in sorted(speed.items()):
+        meta = entry.get("meta", {})
+        out += [f"### {meta.get('device', dev)} (torch {meta.get('torch', '?')}, commit {meta.get('commit', '?')}, "
+                f"{meta.get('date', '')})", "",
+                "| config | M | N | K | emulated ms | fast ms | plain_gemm ms | fast / plain | emulated / fast |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        groups: dict = {}
+        for r in entry.get("rows", []):
+            key = (r["w_bits"], r["a_bits"], tuple(r["alphabet"]), r["M"], r["N"], r["K"])
+            groups.setdefault(key, {})[r["provider"]] = r
+        for (w_bits, a_bits, alpha, m, n, k), g in groups.items():
+            ms = {p: (f"{g[p]['ms']:.3f}" if p in g else "") for p in ("emulated", "fast", "plain_gemm")}
+            fp = f"{g['fast']['vs_plain_gemm']:.2f}" if "fast" in g else ""
+            ef = f"{g['emulated']['vs_fast']:.1f}" if "emulated" in g else ""
+            out.append(f"| W{w_bits}A{a_bits} {{{','.join(map(str, alpha))}}} | {m} | {n} | {k} | {ms['emulated']} | "
+                       f"{ms['fast']} | {ms['plain_gemm']} | {fp} | {ef} |")
+        out.append("")
+    out.append(MD_END)
+    return "\n".join(out)
+
+
 def record(rows: list[dict], device: torch.device) -> Path:
-    """Merge into bench/results/asm.json: only the "speed" key (per device type) is replaced; other keys stay."""
+    """Merge into bench/results/asm.json: only the "speed" key (per device type) is replaced; other keys stay. The
+    speed section of bench/results/asm.md is re-rendered."""
     OUT.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(OUT.read_text()) if OUT.exists() else {}
     speed = data.get("speed") if isinstance(data.get("speed"), dict) else {}
     speed[device.type] = {"meta": {**metadata(device), "cache": cache_note(device)}, "rows": rows}
     data["speed"] = speed
     OUT.write_text(json.dumps(data, indent=1) + "\n")
+    write_md_section(MD, MD_BEGIN, MD_END, markdown(speed), "# ASM results")
     return OUT
 
 
