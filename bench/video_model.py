@@ -10,6 +10,9 @@ Models (``lrkern.spiking.video.CompressedVideoNet``, D = 128, L_u = 2, L_s = 2),
 best-validation epoch is evaluated on the test split:
 - ``full``: I-frames + P-frames, STM (dynamic threshold, I-frame gain);  ``full_lif``: plain LIF instead of the STM;
   ``full_relu``: a non-spiking P path;  ``iframe_only`` and ``pframe_only``.
+- optional ablations, not in the default ``--models``: ``full_reset_gop`` (the P path's neurons restart at every GOP)
+  and ``full_coviar`` (MVs and residuals accumulated back to the I-frame as in CoViAR; its inputs are decoded from the
+  set's video files once into ``<root>/<split>-coviar.pt``).
 Also reported, from the seed-0 model of each: videos/s (inference on decoded tensors, batch 32) and the compute-energy
 estimate per clip (``lrkern.spiking.energy``: MACs x 4.6 pJ + SOPs x 0.9 pJ) with its all-dense equivalent and the
 firing rates measured on the test split.
@@ -18,6 +21,7 @@ Acceptance (spec 6): iframe_only <= 22.5%; full >= iframe_only + 20 points (mean
 
     .venv/bin/python bench/video_model.py                  # all models, 3 seeds (CPU: see the results file)
     .venv/bin/python bench/video_model.py --models full,iframe_only --seeds 0 --epochs 4
+    .venv/bin/python bench/video_model.py --models full_reset_gop,full_coviar --out bench/results/video_ablations
 """
 from __future__ import annotations
 
@@ -44,18 +48,26 @@ ACCEPTANCE_MODELS = ("full", "iframe_only")  # the spec's thresholds use these t
 def run(args, on_update=None) -> dict:
     device = torch.device(args.device)
     per_class = tuple(int(v) for v in args.per_class.split(","))
+    names = args.models.split(",")
+    for name in names:
+        if name not in MODELS:
+            raise SystemExit(f"--models: unknown model {name!r}; accepted: {', '.join(MODELS)}")
     t0 = time.perf_counter()
     paths = synth_motion.make_dataset(args.root, seed=args.data_seed, per_class=per_class, codec=args.codec)
     splits = {s: synth_motion.load_split(args.root, s) for s in synth_motion.SPLITS}
     print(f"data: {paths['train'].parent} ({time.perf_counter() - t0:.0f} s), "
           + ", ".join(f"{s} {len(d.labels)}" for s, d in splits.items()))
+    data = {None: splits}  # inputs by accumulate mode; the accumulated ones are decoded only when a model needs them
+    for acc in sorted({MODELS[n].get("accumulate") for n in names} - {None}):
+        synth_motion.make_dataset(args.root, seed=args.data_seed, per_class=per_class, codec=args.codec,
+                                  accumulate=acc)
+        data[acc] = {s: synth_motion.load_split(args.root, s, accumulate=acc) for s in synth_motion.SPLITS}
     rows = []
     setup = {"epochs": args.epochs, "seeds": args.seeds, "ablation_seeds": args.ablation_seeds,
              "per_class": per_class, "codec": args.codec, "data_seed": args.data_seed, "lr": args.lr, "batch": 32,
              "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": git_commit()}
-    for name in args.models.split(","):
-        if name not in MODELS:
-            raise SystemExit(f"--models: unknown model {name!r}; accepted: {', '.join(MODELS)}")
+    for name in names:
+        splits = data[MODELS[name].get("accumulate")]
         accs, results, net0 = [], [], None
         seeds = args.seeds if name in ACCEPTANCE_MODELS else args.ablation_seeds
         for seed in (int(s) for s in seeds.split(",")):
@@ -128,8 +140,12 @@ def remeasure_throughput(path: Path, device: torch.device) -> dict:
     """Re-time videos/s of every row of an existing results file on fresh (untrained) models: inference cost does not
     depend on the weights, and a training run shares the CPU with other work, an idle re-measurement does not."""
     result = json.loads(path.read_text())
-    test = synth_motion.load_split(None, "test")
+    tests = {}
     for row in result["rows"]:
+        acc = MODELS[row["model"]].get("accumulate")
+        if acc not in tests:
+            tests[acc] = synth_motion.load_split(None, "test", accumulate=acc)
+        test = tests[acc]
         torch.manual_seed(0)
         net = CompressedVideoNet(config_for(row["model"], test)).to(device)
         row["videos_per_s"] = videos_per_second(net, test, device=device)

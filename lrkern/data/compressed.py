@@ -25,6 +25,22 @@ The tensors (lrkern formulation, not the paper's, whose code is not public):
   an approximation (6-tap quarter-pel filter, deblocking, weighted prediction are not modelled). Average-pooled by
   ``residual_scale`` (2 by default), rounded, clamped to +-127, stored as int8.
 
+With ``accumulate="coviar"`` (the CoViAR ablation of spec 3.2; Wu et al., "Compressed Video Action Recognition",
+CVPR 2018) both are accumulated back to the GOP's I-frame instead, at full resolution before pooling
+(``accumulate_coviar``): per pixel p of P-frame t, with ``q = p - d_t(p)`` its source in frame t - 1,
+
+    D_t(p) = D_{t-1}(q) + d_t(p),    R_t(p) = R_{t-1}(q) + r_t(p),    D = R = 0 on the I-frame,
+
+so ``D_t(p)`` is the displacement from the I-frame all the way to frame t along p's reference chain. ``D_{t-1}`` and
+``R_{t-1}`` are sampled **bilinearly** at the fractional q, with q clamped to the frame, exactly like the motion
+compensation above (for integer-pel vectors this is the plain pixel lookup of a chain trace); with this choice
+``F_t - R_t`` is the I-frame warped step by step through the same bilinear predictions, a convex combination of
+I-frame pixels, so the accumulated residual stays within +-255 (per plane). Blocks without a vector count as zero
+motion, as in the motion compensation. Then ``D_t`` is area-averaged into 16x16 cells and divided by 8 px (the MV
+tensor's units), and ``R_t`` is average-pooled by ``residual_scale`` and rounded, but **not clamped**: it is stored as
+int16 (the per-frame residual is int8 clamped to +-127); a value outside int16 raises. The optional mask channel
+stays the per-frame validity of the P-frame's own vectors.
+
 ``mv_rasterize`` and ``motion_compensate`` (and the loader) run the C++ kernels of ``lrkern._C`` (``csrc/cpu/mv.cpp``,
 spec section 4 item 4) when the extension is built, else the pure NumPy code here, which stays the reference; the C++
 outputs are bit-identical to it. ``impl="numpy"`` (or the module flag ``MV_IMPL``) forces the reference.
@@ -55,6 +71,7 @@ MV_FIELDS = ("source", "w", "h", "dst_x", "dst_y", "motion_x", "motion_y", "moti
 # "auto" (the C++ kernels when lrkern._C is built, else NumPy), "numpy" (the reference) or "cpp" (error if not built).
 MV_IMPL = "auto"
 _IMPLS = ("auto", "numpy", "cpp")
+ACCUMULATE = (None, "coviar")  # decode_compressed(accumulate=...): per-frame, or accumulated to the I-frame (CoViAR)
 
 
 @dataclass
@@ -64,10 +81,12 @@ class CompressedClip:
     - ``iframes`` uint8 ``[K, 3, H, W]``: the decoded I-frames in RGB, one per GOP.
     - ``mv`` float32 ``[T, 2 | 3, H/16, W/16]``: per P-frame motion (see the module docstring; x then y, then the
       optional validity channel).
-    - ``residual`` int8 ``[T, 1 | 3, H/r, W/r]``: per P-frame motion-compensation residual (luma or RGB).
+    - ``residual`` int8 ``[T, 1 | 3, H/r, W/r]``: per P-frame motion-compensation residual (luma or RGB); int16 when
+      accumulated (``accumulate="coviar"``: ``mv`` and ``residual`` hold the values accumulated to the I-frame).
     - ``gop_index`` int64 ``[T]``: the GOP (0..K-1) each P-frame belongs to.
     - ``pict_types``: the picture type of every kept frame in decoding order (1 = I, 2 = P).
-    - ``fps``: the stream's average frame rate; ``size``: ``(H, W)``; ``path``: the file.
+    - ``fps``: the stream's average frame rate; ``size``: ``(H, W)``; ``path``: the file; ``accumulate``: None or
+      ``"coviar"`` (see ``decode_compressed``).
     """
 
     iframes: np.ndarray
@@ -78,6 +97,7 @@ class CompressedClip:
     fps: float = 0.0
     size: tuple[int, int] = (0, 0)
     path: str = ""
+    accumulate: Optional[str] = None
 
     @property
     def num_gops(self) -> int:
@@ -281,12 +301,100 @@ def _compensate(prev: np.ndarray, d, cpp: bool) -> np.ndarray:
     return _cpp.motion_compensate(torch.from_numpy(p), d).numpy().reshape(prev.shape)
 
 
-def _pool_residual(r: np.ndarray, scale: int) -> np.ndarray:
-    """``r`` float ``[H, W, C]`` -> int8 ``[C, H/scale, W/scale]`` (average pool, round, clamp +-127)."""
+def _pool_residual(r: np.ndarray, scale: int, wide: bool = False) -> np.ndarray:
+    """``r`` float ``[H, W, C]`` -> int8 ``[C, H/scale, W/scale]`` (average pool, round, clamp +-127); ``wide``: int16
+    without clamping (the accumulated residual), OverflowError outside the int16 range."""
     H, W, C = r.shape
     if scale > 1:
         r = r.reshape(H // scale, scale, W // scale, scale, C).mean(axis=(1, 3))
-    return np.clip(np.rint(r), -127, 127).astype(np.int8).transpose(2, 0, 1)
+    if not wide:
+        return np.clip(np.rint(r), -127, 127).astype(np.int8).transpose(2, 0, 1)
+    r = np.rint(r)
+    lim = np.iinfo(np.int16)
+    if r.size and (r.min() < lim.min or r.max() > lim.max):
+        raise OverflowError(f"accumulated residual range [{r.min():.0f}, {r.max():.0f}] does not fit int16")
+    return r.astype(np.int16).transpose(2, 0, 1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CoViAR accumulation (module docstring): motion and residual traced back to the GOP's I-frame, at full resolution
+# --------------------------------------------------------------------------------------------------------------------
+
+def _bilinear_at(field: np.ndarray, sx: np.ndarray, sy: np.ndarray) -> np.ndarray:
+    """float32 ``field [H, W, C]`` sampled bilinearly at ``(sx, sy)`` ``[H, W]`` (already clamped to the frame)."""
+    H, W = field.shape[:2]
+    x0 = np.floor(sx).astype(np.int64)
+    y0 = np.floor(sy).astype(np.int64)
+    fx = (sx - x0)[..., None]
+    fy = (sy - y0)[..., None]
+    x1 = np.minimum(x0 + 1, W - 1)
+    y1 = np.minimum(y0 + 1, H - 1)
+    top = field[y0, x0] * (1 - fx) + field[y0, x1] * fx
+    bot = field[y1, x0] * (1 - fx) + field[y1, x1] * fx
+    return (top * (1 - fy) + bot * fy).astype(np.float32)
+
+
+def coviar_step(D_prev: Optional[np.ndarray], R_prev: Optional[np.ndarray], d: np.ndarray,
+                r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One P-frame of ``accumulate_coviar``: ``(D_t, R_t)`` from ``(D_{t-1}, R_{t-1})`` (None: the I-frame, zeros),
+    this frame's per-pixel displacement ``d`` float ``[H, W, 2]`` (``dst - src`` in px, x then y) and residual ``r``
+    float ``[H, W, C]``. ``D_{t-1}`` and ``R_{t-1}`` are sampled bilinearly at ``p - d(p)``, clamped to the frame."""
+    d = np.asarray(d, np.float32)
+    r = np.asarray(r, np.float32)
+    if D_prev is None:  # accumulated to the I-frame: nothing before this frame
+        return d.copy(), r.copy()
+    H, W = d.shape[:2]
+    sx = np.clip(np.arange(W, dtype=np.float32)[None, :] - d[..., 0], 0, W - 1)
+    sy = np.clip(np.arange(H, dtype=np.float32)[:, None] - d[..., 1], 0, H - 1)
+    return _bilinear_at(D_prev, sx, sy) + d, _bilinear_at(R_prev, sx, sy) + r
+
+
+def accumulate_coviar(d: np.ndarray, r: np.ndarray, gop_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CoViAR accumulation of full-resolution per-frame motion and residuals (module docstring).
+
+    Args:
+        d: float ``[T, H, W, 2]``: each P-frame's per-pixel displacement ``dst - src`` in pixels (x, y), the motion from
+            the previous frame (0 where a block has no vector).
+        r: float ``[T, H, W, C]``: each P-frame's residual.
+        gop_index: int ``[T]``: the GOP of each P-frame; the accumulation restarts wherever it changes (the first
+            P-frame after an I-frame), so ``D_t = d_t`` and ``R_t = r_t`` there.
+
+    Returns:
+        ``(D, R)`` float32 of the shapes of ``d`` and ``r``: the displacement from the GOP's I-frame to frame t along
+        each pixel's reference chain, and the residual accumulated along it.
+    """
+    d, r, gi = np.asarray(d), np.asarray(r), np.asarray(gop_index)
+    if d.ndim != 4 or d.shape[-1] != 2:
+        raise ValueError(f"d must be [T, H, W, 2] (per-pixel displacement in px), got shape {d.shape}")
+    if r.ndim != 4 or r.shape[:3] != d.shape[:3]:
+        raise ValueError(f"r must be [T, H, W, C] with d's T, H, W = {d.shape[:3]}, got shape {r.shape}")
+    if gi.shape != d.shape[:1]:
+        raise ValueError(f"gop_index must be [T] = [{d.shape[0]}], got shape {gi.shape}")
+    D = np.empty(d.shape, np.float32)
+    R = np.empty(r.shape, np.float32)
+    for t in range(d.shape[0]):
+        fresh = t == 0 or gi[t] != gi[t - 1]
+        D[t], R[t] = coviar_step(None if fresh else D[t - 1], None if fresh else R[t - 1], d[t], r[t])
+    return D, R
+
+
+def _pixel_field(d) -> np.ndarray:
+    """The 4x4-cell displacement grid ``[H/4, W/4, 2]`` (NumPy or the C++ path's tensor) -> per pixel ``[H, W, 2]``."""
+    d = d.numpy() if hasattr(d, "numpy") else np.asarray(d)
+    return np.repeat(np.repeat(d, _SUB, 0), _SUB, 1)
+
+
+def _pool_displacement(D: np.ndarray, valid, mask: bool) -> np.ndarray:
+    """Per-pixel displacement ``[H, W, 2]`` in px -> the MV tensor ``[2 | 3, H/16, W/16]`` (area mean / MV_UNIT); the
+    mask channel is the cover of ``valid`` (the 4x4-cell grid), as ``mv_rasterize``'s."""
+    H, W = D.shape[:2]
+    h, w = H // MV_CELL, W // MV_CELL
+    mv = D.reshape(h, MV_CELL, w, MV_CELL, 2).mean(axis=(1, 3), dtype=np.float64).transpose(2, 0, 1) / MV_UNIT
+    if mask:
+        v = valid.numpy() if hasattr(valid, "numpy") else np.asarray(valid)
+        f = MV_CELL // _SUB
+        mv = np.concatenate([mv, v.reshape(h, f, w, f).mean(axis=(1, 3))[None]], 0)
+    return np.ascontiguousarray(mv, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -312,7 +420,8 @@ def _import_av():
 
 def decode_compressed(path: PathLike, gop: Optional[int] = None, residual: str = "luma", residual_scale: int = 2,
                       mv_mask: bool = False, max_gops: Optional[int] = None,
-                      threads: Optional[int] = None, impl: Optional[str] = None) -> CompressedClip:
+                      threads: Optional[int] = None, impl: Optional[str] = None,
+                      accumulate: Optional[str] = None) -> CompressedClip:
     """Decode a video file into compressed-domain tensors (see the module docstring for the formulation).
 
     GOP k is every frame from the k-th I-frame up to (not including) the next one, so irregular GOP structures work;
@@ -329,11 +438,15 @@ def decode_compressed(path: PathLike, gop: Optional[int] = None, residual: str =
         threads: decoder threads (None: FFmpeg's default; 1 is fastest for small clips in worker processes).
         impl: MV / motion-compensation implementation, as in ``mv_rasterize`` (None: the module's ``MV_IMPL``); the
             outputs are identical either way.
+        accumulate: None (per-frame MVs and residuals) or ``"coviar"``: both accumulated back to the GOP's I-frame at
+            full resolution before pooling (module docstring; ``accumulate_coviar``); the residual is then int16,
+            unclamped.
 
     Raises:
         FileNotFoundError: no such file.
         ValueError (naming the file): a B-frame, a first frame that is not an I-frame, a size that is not a multiple
-            of 16, fewer than ``max_gops`` GOPs, a GOP length other than ``gop``, or no video stream.
+            of 16, fewer than ``max_gops`` GOPs, a GOP length other than ``gop``, or no video stream; (naming the
+            argument) an unknown ``residual``, ``residual_scale``, ``max_gops`` or ``accumulate``.
     """
     av = _import_av()
     path = Path(path)
@@ -345,6 +458,8 @@ def decode_compressed(path: PathLike, gop: Optional[int] = None, residual: str =
         raise ValueError(f"residual_scale must divide {MV_CELL}, got {residual_scale}")
     if max_gops is not None and max_gops < 1:
         raise ValueError(f"max_gops must be >= 1, got {max_gops}")
+    if accumulate not in ACCUMULATE:
+        raise ValueError(f"accumulate must be None or 'coviar', got {accumulate!r}")
     cpp = _use_cpp(impl)
     reencode = (f"re-encode it without B-frames, e.g. ffmpeg -i {path} -c:v mpeg4 -q:v 2 -bf 0 -g 12 OUT.avi "
                 "(or -c:v libx264 -bf 0 -refs 1 -sc_threshold 0 -g 12 -keyint_min 12 OUT.mp4)")
@@ -364,6 +479,7 @@ def decode_compressed(path: PathLike, gop: Optional[int] = None, residual: str =
         fps = float(stream.average_rate) if stream.average_rate else 0.0
         H = W = None
         prev = None
+        acc_d = acc_r = None  # CoViAR state: full-resolution D_{t-1}, R_{t-1} (None right after an I-frame)
         for frame in container.decode(stream):
             pt = int(frame.pict_type)
             if H is None:
@@ -380,6 +496,7 @@ def decode_compressed(path: PathLike, gop: Optional[int] = None, residual: str =
                     break
                 iframes.append(frame.to_ndarray(format="rgb24").transpose(2, 0, 1))
                 cur = _luma(frame) if residual == "luma" else None
+                acc_d = acc_r = None
             else:
                 if not iframes:
                     raise ValueError(f"{path}: the first decoded frame is a P-frame (the stream does not start with "
@@ -387,11 +504,17 @@ def decode_compressed(path: PathLike, gop: Optional[int] = None, residual: str =
                 sd = frame.side_data.get("MOTION_VECTORS")
                 rec = sd.to_ndarray() if sd is not None else None
                 d, valid = _grids(rec, H, W, cpp)
-                mvs.append(_rasterize(d, valid, mv_mask, cpp))
                 cur = _luma(frame) if residual == "luma" else frame.to_ndarray(format="rgb24")
                 c = cur[..., None] if cur.ndim == 2 else cur
                 p = prev[..., None] if prev.ndim == 2 else prev
-                ress.append(_pool_residual(c.astype(np.float32) - _compensate(p, d, cpp), residual_scale))
+                r = c.astype(np.float32) - _compensate(p, d, cpp)
+                if accumulate is None:
+                    mvs.append(_rasterize(d, valid, mv_mask, cpp))
+                    ress.append(_pool_residual(r, residual_scale))
+                else:
+                    acc_d, acc_r = coviar_step(acc_d, acc_r, _pixel_field(d), r)
+                    mvs.append(_pool_displacement(acc_d, valid, mv_mask))
+                    ress.append(_pool_residual(acc_r, residual_scale, wide=True))
                 gop_index.append(len(iframes) - 1)
             if cur is None:  # an I-frame in RGB residual mode
                 cur = iframes[-1].transpose(1, 2, 0)
@@ -413,11 +536,12 @@ def decode_compressed(path: PathLike, gop: Optional[int] = None, residual: str =
                              f"a fixed GOP, e.g. ffmpeg -i {path} -c:v mpeg4 -q:v 2 -bf 0 -g {gop} OUT.avi")
     C = 1 if residual == "luma" else 3
     h, w = H // MV_CELL, W // MV_CELL
+    rdtype = np.int8 if accumulate is None else np.int16
     return CompressedClip(
         iframes=np.stack(iframes).astype(np.uint8),
         mv=np.stack(mvs) if mvs else np.zeros((0, 3 if mv_mask else 2, h, w), np.float32),
-        residual=np.stack(ress) if ress else np.zeros((0, C, H // residual_scale, W // residual_scale), np.int8),
-        gop_index=gi, pict_types=pict_types, fps=fps, size=(H, W), path=str(path))
+        residual=np.stack(ress) if ress else np.zeros((0, C, H // residual_scale, W // residual_scale), rdtype),
+        gop_index=gi, pict_types=pict_types, fps=fps, size=(H, W), path=str(path), accumulate=accumulate)
 
 
 def encode_clip(frames: np.ndarray, path: PathLike, codec: str = "mpeg4", gop: int = 12, fps: int = 25,

@@ -34,7 +34,9 @@ across classes and an I-frame-only model cannot beat chance (12.5%) except throu
 ``root/<split>.pt`` (uint8 I-frames, float16 MVs, int8 half-size luma residuals, int64 labels; about 164 KB per clip,
 367 MB for the default 200/40/40 per class). A cache is reused when its metadata (seed, counts, codec, quality,
 ``GENERATOR_VERSION``) matches. ``root/<split>`` is itself a folder dataset: ``folder_dataset(root / "train")`` gives
-the same tensors.
+the same tensors. ``make_dataset(..., accumulate="coviar")`` also decodes the split's video files with MVs and residuals
+accumulated back to the I-frame (``decode_compressed(accumulate="coviar")``; int16 residuals) into
+``root/<split>-coviar.pt``, which ``load_split(root, split, accumulate="coviar")`` reads.
 
 Measured on the 2-core CPU machine (2 workers, other jobs running): the default set (2240 clips) takes 131 s to
 generate (train 88 s, val 21 s, test 21 s; about 55 ms per clip per core: render 27 ms, encode + decode 28 ms), the
@@ -55,7 +57,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from lrkern.data.compressed import decode_compressed, encode_clip
+from lrkern.data.compressed import ACCUMULATE, decode_compressed, encode_clip
 
 PathLike = Union[str, os.PathLike]
 
@@ -310,8 +312,9 @@ class VideoTensors:
     """A labelled set of compressed-domain clips (torch tensors).
 
     - ``iframes`` uint8 ``[N, K, 3, H, W]``; ``mv`` float16 ``[N, T, 2, H/16, W/16]`` (displacement / 8 px);
-      ``residual`` int8 ``[N, T, 1, H/2, W/2]``; ``gop_index`` int64 ``[T]``; ``labels`` int64 ``[N]``;
-      ``classes``: the class names (``labels`` index them); ``meta``: how the set was made.
+      ``residual`` int8 ``[N, T, 1, H/2, W/2]`` (int16 when accumulated); ``gop_index`` int64 ``[T]``; ``labels``
+      int64 ``[N]``; ``classes``: the class names (``labels`` index them); ``meta``: how the set was made
+      (``meta.get("accumulate")``: None, or ``"coviar"`` for MVs and residuals accumulated to the I-frame).
     """
 
     iframes: "torch.Tensor"  # noqa: F821
@@ -386,6 +389,28 @@ def _synth_job(job: tuple):
     return decode_compressed(path, gop=GOP, max_gops=GOPS, threads=1)
 
 
+def _accumulate_job(job: tuple):
+    path, accumulate = job
+    return decode_compressed(path, gop=GOP, max_gops=GOPS, threads=1, accumulate=accumulate)
+
+
+def _check_accumulate(accumulate: Optional[str]) -> None:
+    if accumulate not in ACCUMULATE:
+        raise ValueError(f"accumulate must be None or 'coviar', got {accumulate!r}")
+
+
+def _cache_path(root: Path, split: str, accumulate: Optional[str]) -> Path:
+    return root / (f"{split}.pt" if accumulate is None else f"{split}-{accumulate}.pt")
+
+
+def _save_split(path: Path, vt: VideoTensors) -> None:
+    import torch
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save({"meta": vt.meta, "iframes": vt.iframes, "mv": vt.mv, "residual": vt.residual,
+                "gop_index": vt.gop_index, "labels": vt.labels}, tmp)
+    tmp.replace(path)  # atomic: an interrupted run never leaves a truncated cache behind
+
+
 def _cache_meta(seed: int, split: str, count: int, codec: str, quality: Optional[int]) -> dict:
     return {"generator": GENERATOR_VERSION, "seed": int(seed), "split": split, "per_class": int(count),
             "codec": codec, "quality": quality, "size": SIZE, "gop": GOP, "gops": GOPS, "fps": FPS,
@@ -402,7 +427,7 @@ def _read_meta(path: Path) -> Optional[dict]:
 
 def make_dataset(root: Optional[PathLike] = None, seed: int = 0, per_class: Sequence[int] = (200, 40, 40),
                  codec: str = "mpeg4", quality: Optional[int] = None, workers: Optional[int] = None,
-                 log: bool = True) -> dict[str, Path]:
+                 log: bool = True, accumulate: Optional[str] = None) -> dict[str, Path]:
     """Generate, encode, decode and cache the synthetic action set (idempotent).
 
     Args:
@@ -413,12 +438,15 @@ def make_dataset(root: Optional[PathLike] = None, seed: int = 0, per_class: Sequ
         quality: encoder quality (``encode_clip``'s default: qscale 2 / crf 12).
         workers: processes (default: all CPUs).
         log: print progress and timings.
+        accumulate: None, or ``"coviar"``: also decode every split's video files with MVs and residuals accumulated
+            to the I-frame into ``root/<split>-coviar.pt`` (the per-frame cache is built first, as it owns the files).
 
     Returns:
-        ``{split: root/<split>.pt}``. A split whose cache metadata matches is not rebuilt.
+        ``{split: root/<split>.pt}`` (``root/<split>-<accumulate>.pt`` with ``accumulate``). A split whose cache
+        metadata matches is not rebuilt.
     """
-    import torch
     root = Path(root) if root is not None else default_root()
+    _check_accumulate(accumulate)
     if codec not in _EXT:
         raise ValueError(f"codec must be one of {tuple(_EXT)}, got {codec!r}")
     if len(per_class) != len(SPLITS):
@@ -430,64 +458,101 @@ def make_dataset(root: Optional[PathLike] = None, seed: int = 0, per_class: Sequ
         path = root / f"{split}.pt"
         meta = _cache_meta(seed, split, count, codec, quality)
         out[split] = path
+        n = count * len(CLASSES)
+        ext = _EXT[codec]
+        files = [root / split / CLASSES[i % len(CLASSES)] / f"{i:05d}{ext}" for i in range(n)]
         if path.is_file() and _read_meta(path) == meta:
             if log:
                 print(f"synth_motion: {path} is up to date ({count} clips per class)", flush=True)
-            continue
-        n = count * len(CLASSES)
-        if log:
-            print(f"synth_motion: building {split} ({n} clips, {codec}, seed {seed}, {workers} workers) in {root}",
-                  flush=True)
-        t0 = time.perf_counter()
-        ext = _EXT[codec]
-        jobs = [(seed, split, i, codec, quality, str(root / split / CLASSES[i % len(CLASSES)] / f"{i:05d}{ext}"))
-                for i in range(n)]
-        for c in CLASSES:  # drop this generator's old clips, so that root/<split> holds exactly this split
-            (root / split / c).mkdir(parents=True, exist_ok=True)
-            for f in (root / split / c).iterdir():
-                if f.suffix in _EXT.values() and f.stem.isdigit() and len(f.stem) == 5:
-                    f.unlink()
-        clips = _pool_map(_synth_job, jobs, workers, split, log) if n else []
-        if not clips:
-            raise ValueError(f"per_class for {split} must be >= 1, got {count}")
-        vt = _stack(clips, [i % len(CLASSES) for i in range(n)], list(CLASSES), meta)
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save({"meta": meta, "iframes": vt.iframes, "mv": vt.mv, "residual": vt.residual,
-                    "gop_index": vt.gop_index, "labels": vt.labels}, tmp)
-        tmp.replace(path)  # atomic: an interrupted run never leaves a truncated cache behind
-        if log:
-            print(f"synth_motion: {split} done in {time.perf_counter() - t0:.1f} s, "
-                  f"{path.stat().st_size / 2**20:.1f} MiB", flush=True)
+        else:
+            _build_split(root, split, path, meta, seed, codec, quality, files, workers, log)
+        if accumulate is not None:
+            out[split] = _build_accumulated(root, split, path, meta, accumulate, files, workers, log)
     return out
 
 
-def load_split(root: Optional[PathLike] = None, split: str = "train") -> VideoTensors:
-    """The cached tensors of ``split`` written by ``make_dataset`` (FileNotFoundError with the command otherwise)."""
+def _build_split(root: Path, split: str, path: Path, meta: dict, seed: int, codec: str, quality: Optional[int],
+                 files: list[Path], workers: int, log: bool) -> None:
+    """Render, encode and decode the clips of ``split`` into ``files`` and the per-frame cache ``path``."""
+    n = len(files)
+    if log:
+        print(f"synth_motion: building {split} ({n} clips, {codec}, seed {seed}, {workers} workers) in {root}",
+              flush=True)
+    t0 = time.perf_counter()
+    jobs = [(seed, split, i, codec, quality, str(f)) for i, f in enumerate(files)]
+    for c in CLASSES:  # drop this generator's old clips, so that root/<split> holds exactly this split
+        (root / split / c).mkdir(parents=True, exist_ok=True)
+        for f in (root / split / c).iterdir():
+            if f.suffix in _EXT.values() and f.stem.isdigit() and len(f.stem) == 5:
+                f.unlink()
+    clips = _pool_map(_synth_job, jobs, workers, split, log) if n else []
+    if not clips:
+        raise ValueError(f"per_class for {split} must be >= 1, got {meta['per_class']}")
+    _save_split(path, _stack(clips, [i % len(CLASSES) for i in range(n)], list(CLASSES), meta))
+    if log:
+        print(f"synth_motion: {split} done in {time.perf_counter() - t0:.1f} s, "
+              f"{path.stat().st_size / 2**20:.1f} MiB", flush=True)
+
+
+def _build_accumulated(root: Path, split: str, base: Path, meta: dict, accumulate: str, files: list[Path],
+                       workers: int, log: bool) -> Path:
+    """Decode the video files of ``split`` (those of the per-frame cache ``base``) with ``accumulate`` into
+    ``root/<split>-<accumulate>.pt``, unless that cache is up to date; returns its path."""
+    path = _cache_path(root, split, accumulate)
+    ameta = {**meta, "accumulate": accumulate}
+    if path.is_file() and _read_meta(path) == ameta:
+        if log:
+            print(f"synth_motion: {path} is up to date", flush=True)
+        return path
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} (and {len(missing) - 1} more) missing: the accumulate={accumulate!r} "
+                                f"inputs are decoded from the video files of {base}; delete {base} and rerun "
+                                "make_dataset to render them again")
+    t0 = time.perf_counter()
+    clips = _pool_map(_accumulate_job, [(str(f), accumulate) for f in files], workers, f"{split} ({accumulate})",
+                      log)
+    _save_split(path, _stack(clips, [i % len(CLASSES) for i in range(len(files))], list(CLASSES), ameta))
+    if log:
+        print(f"synth_motion: {split} ({accumulate}) done in {time.perf_counter() - t0:.1f} s, "
+              f"{path.stat().st_size / 2**20:.1f} MiB", flush=True)
+    return path
+
+
+def load_split(root: Optional[PathLike] = None, split: str = "train",
+               accumulate: Optional[str] = None) -> VideoTensors:
+    """The cached tensors of ``split`` written by ``make_dataset`` (FileNotFoundError with the command otherwise);
+    ``accumulate="coviar"``: the CoViAR-accumulated inputs (``make_dataset(..., accumulate="coviar")``)."""
     import torch
+    _check_accumulate(accumulate)
     root = Path(root) if root is not None else default_root()
-    path = root / f"{split}.pt"
+    path = _cache_path(root, split, accumulate)
     if not path.is_file():
+        arg = "" if accumulate is None else f", accumulate={accumulate!r}"
         raise FileNotFoundError(f"{path} does not exist; build it with "
                                 f"`python -c \"from lrkern.data.synth_motion import make_dataset; "
-                                f"make_dataset('{root}')\"`")
+                                f"make_dataset('{root}'{arg})\"`")
     d = torch.load(path, map_location="cpu", weights_only=True)
     return VideoTensors(iframes=d["iframes"], mv=d["mv"], residual=d["residual"], gop_index=d["gop_index"],
                         labels=d["labels"], classes=list(d["meta"]["classes"]), meta=d["meta"])
 
 
 def _folder_job(job: tuple):
-    path, gop, gops, residual_scale = job
-    return decode_compressed(path, gop=gop, max_gops=gops, residual_scale=residual_scale, threads=1)
+    path, gop, gops, residual_scale, accumulate = job
+    return decode_compressed(path, gop=gop, max_gops=gops, residual_scale=residual_scale, threads=1,
+                             accumulate=accumulate)
 
 
 def folder_dataset(root: PathLike, gops: int = GOPS, gop: Optional[int] = None, residual_scale: int = 2,
-                   workers: int = 1, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> VideoTensors:
+                   workers: int = 1, extensions: Sequence[str] = VIDEO_EXTENSIONS,
+                   accumulate: Optional[str] = None) -> VideoTensors:
     """Any folder ``root/<label>/<video files>`` as ``VideoTensors`` (labels: the sorted folder names).
 
-    Every clip is decoded with ``decode_compressed`` and cut to its first ``gops`` GOPs. All clips must share the
-    frame size and the GOP length (``gop``, default: the first clip's first GOP length), so that they stack;
-    otherwise a ValueError names the clip and how to re-encode it.
+    Every clip is decoded with ``decode_compressed`` (with its ``accumulate``: None or ``"coviar"``) and cut to its
+    first ``gops`` GOPs. All clips must share the frame size and the GOP length (``gop``, default: the first clip's
+    first GOP length), so that they stack; otherwise a ValueError names the clip and how to re-encode it.
     """
+    _check_accumulate(accumulate)
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
@@ -501,7 +566,7 @@ def folder_dataset(root: PathLike, gops: int = GOPS, gop: Optional[int] = None, 
         first = decode_compressed(items[0][0], max_gops=1, residual_scale=residual_scale, threads=1)
         gop = first.gop_lengths[0]
         # the first GOP of a single-GOP clip may be cut short by the file's end; the per-clip check reports it
-    jobs = [(p, gop, gops, residual_scale) for p, _ in items]
+    jobs = [(p, gop, gops, residual_scale, accumulate) for p, _ in items]
     clips = _pool_map(_folder_job, jobs, workers, root.name, log=False)
     size = clips[0].size
     for c in clips:
@@ -510,5 +575,5 @@ def folder_dataset(root: PathLike, gops: int = GOPS, gop: Optional[int] = None, 
                              f"re-encode all clips to one size, e.g. ffmpeg -i IN -vf scale={size[1]}:{size[0]} "
                              f"-c:v mpeg4 -q:v 2 -bf 0 -g {gop} OUT.avi")
     meta = {"root": str(root), "gop": gop, "gops": gops, "residual": "luma", "residual_scale": residual_scale,
-            "paths": [c.path for c in clips], "fps": clips[0].fps}
+            "paths": [c.path for c in clips], "fps": clips[0].fps, "accumulate": accumulate}
     return _stack(clips, [k for _, k in items], classes, meta)

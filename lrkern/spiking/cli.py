@@ -24,7 +24,7 @@ def _summary(name: str, net, data, device) -> str:
             f"(compute estimate; all-dense equivalent {e['dense_equivalent_joules_per_clip'] * 1e3:.3f} mJ)")
 
 
-def _train_models(models: list[str], splits: dict, epochs: int, device, seed: int = 0) -> dict:
+def _train_models(models: list[str], splits: dict, epochs: int, device, seed: int = 0, **overrides) -> dict:
     import torch
 
     from lrkern.spiking.train import train
@@ -33,7 +33,7 @@ def _train_models(models: list[str], splits: dict, epochs: int, device, seed: in
     nets = {}
     for name in models:
         torch.manual_seed(seed)
-        net = CompressedVideoNet(config_for(name, splits["train"]))
+        net = CompressedVideoNet(config_for(name, splits["train"], **overrides))
         print(f"training {name} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, {epochs} epochs)")
         train(net, splits["train"], splits["val"], epochs=epochs, seed=seed, device=device)
         nets[name] = net
@@ -69,12 +69,22 @@ def _train(args) -> int:
     import torch
 
     from lrkern.data import synth_motion
+    from lrkern.spiking.video import MODELS
+
+    # The inputs the model needs: --accumulate, else the named model's own (full_coviar), else per-frame; checked
+    # before decoding anything.
+    model_acc = MODELS[args.model].get("accumulate")
+    accumulate = model_acc if args.accumulate is None else (None if args.accumulate == "none" else args.accumulate)
+    if model_acc is not None and accumulate != model_acc:
+        raise SystemExit(f"--model {args.model} takes accumulate={model_acc!r} inputs, not --accumulate "
+                         f"{args.accumulate}; drop --accumulate or pick another model")
+    overrides = {"reset_per_gop": True} if args.reset_per_gop else {}
 
     folder = Path(args.data)
     if not (folder / "train").is_dir() or not (folder / "test").is_dir():
         raise SystemExit(f"--data {folder}: expected {folder}/train/<label>/<videos> and {folder}/test/<label>/<videos>"
                          " (and optionally val/)")
-    splits = {s: synth_motion.folder_dataset(folder / s, gops=args.gops, workers=args.workers)
+    splits = {s: synth_motion.folder_dataset(folder / s, gops=args.gops, workers=args.workers, accumulate=accumulate)
               for s in ("train", "val", "test") if (folder / s).is_dir()}
     if splits["train"].classes != splits["test"].classes:
         raise SystemExit(f"--data {folder}: train and test have different labels: {splits['train'].classes} vs "
@@ -82,7 +92,7 @@ def _train(args) -> int:
     if "val" not in splits:
         print("no val/ split: the best epoch is picked on the test split (the reported test accuracy is optimistic)")
         splits["val"] = splits["test"]
-    net = _train_models([args.model], splits, args.epochs, args.device)[args.model]
+    net = _train_models([args.model], splits, args.epochs, args.device, **overrides)[args.model]
     print(_summary(args.model, net, splits["test"], args.device))
     if args.out:
         torch.save({"config": net.cfg, "state_dict": net.state_dict(), "classes": splits["train"].classes}, args.out)
@@ -112,6 +122,12 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     tr.add_argument("--model", default="full", choices=list(MODELS))
     tr.add_argument("--epochs", type=int, default=12)
     tr.add_argument("--gops", type=int, default=3, help="GOPs kept per clip (clips with fewer are refused)")
+    tr.add_argument("--accumulate", default=None, choices=["none", "coviar"],
+                    help="P-frame inputs: per frame (none) or MVs and residuals accumulated back to the I-frame as in "
+                         "CoViAR (coviar); default: the model's own (coviar for full_coviar, else none)")
+    tr.add_argument("--reset-per-gop", action="store_true",
+                    help="restart the P path's neurons (STM and LIFs) at every GOP instead of carrying their state "
+                         "across GOPs (implied by --model full_reset_gop)")
     tr.add_argument("--workers", type=int, default=1)
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--out", default=None, help="save the trained model (torch.save) here")

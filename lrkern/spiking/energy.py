@@ -2,11 +2,12 @@
 
     E = sum over dense layers of MACs x E_MAC  +  sum over spiking layers of SOPs x E_AC
 
-A layer is *spiking* when its input is the output of a spiking neuron (an ``lrkern.spiking`` ``LIF`` or ``STM``, or any
-module type passed as ``neurons``) and every value is 0 or 1: each input spike then triggers one
-accumulate per synapse, so its synaptic operations are ``SOPs = dense MACs x input firing rate`` (its dense MACs already
-include the T time steps, which the models fold into the batch). A layer fed by real values (pixels, motion vectors,
-residuals, firing *rates*, ReLU outputs) counts as MACs; so the first layer after a real-valued input always does.
+A layer is *spiking* when its input is the output of a spiking neuron (an ``lrkern.spiking`` ``LIF`` or ``STM``, any
+module type passed as ``neurons``, or a module with a true ``emits_spikes`` attribute) and every value is 0 or 1: each
+input spike then triggers one accumulate per synapse, so its synaptic operations are ``SOPs = dense MACs x input firing
+rate`` (its dense MACs already include the T time steps, which the models fold into the batch). A layer fed by real
+values (pixels, motion vectors, residuals, firing *rates*, ReLU outputs) counts as MACs; so the first layer after a
+real-valued input always does.
 Convolutions and linear layers are counted by forward hooks; so is every module with an ``attention_macs(x)`` method
 (attention's two matmuls ``Q K^T`` and ``A V``, 2 B L^2 D MACs for ``[B, L, D]``), whose inner projections are
 ordinary linear layers counted on their own. Element-wise work (BN, neuron
@@ -125,7 +126,9 @@ class OpCounter:
         for name, m in self.model.named_modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)) or callable(getattr(m, "attention_macs", None)):
                 self._handles.append(m.register_forward_hook(self._hook(name)))
-            elif isinstance(m, self.neurons):
+            elif isinstance(m, self.neurons) or getattr(m, "emits_spikes", False):
+                # emits_spikes: a wrapper whose output is a neuron's spikes rearranged into a new tensor (the per-GOP
+                # layout of lrkern.spiking.video.PerGop), which the storage test would otherwise miss.
                 self._handles.append(m.register_forward_hook(self._neuron_hook))
         self._handles.append(self.model.register_forward_pre_hook(self._count_clips))
         return self

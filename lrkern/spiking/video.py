@@ -26,6 +26,20 @@ Model (``CompressedVideoNet``):
 Variants (``variant``): ``"full"`` (both modalities), ``"iframe_only"`` and ``"pframe_only"``; ``p_neuron`` picks the
 P path's first neuron: ``"stm"`` (default), ``"lif"`` (beta = 0, g = 1: plain LIF) or ``"relu"`` (a non-spiking P path:
 every LIF of the P encoder becomes a ReLU).
+
+Options (spec 3.2 and its ablations):
+
+- ``reset_per_gop``: the P path's neurons (the STM, with its spike trace, and every LIF of the spiking blocks) restart
+  from the reset state at the first P-frame of every GOP instead of carrying their state across GOPs (the default).
+  Each GOP's run of P-frames is laid out as a clip of its own (``GopSegments``: a gather into ``[L_max, S, ...]``,
+  S = number of GOP runs in the batch, shorter runs zero-padded at their end), so each neuron layer is still one fused
+  multi-step call, and a call starting from v0 = None is exactly a reset. The convolutions and batch norms stay on
+  the ``[T, B]`` layout, so their batch statistics are those of the default model. The GOP runs come from
+  ``gop_index`` (a run starts wherever it changes along T), per clip, so clips with different GOP boundaries work.
+  A ReLU P path (``p_neuron="relu"``) has no state, so the option changes nothing there.
+- ``accumulate``: which P-frame inputs the model was built for: None (per-frame MVs and residuals) or ``"coviar"``
+  (accumulated back to the GOP's I-frame, ``lrkern.data.compressed.decode_compressed(accumulate="coviar")``). The
+  layers are the same; ``config_for`` checks that the data were decoded the same way.
 """
 from __future__ import annotations
 
@@ -41,6 +55,7 @@ from lrkern.spiking.stm import STM
 
 VARIANTS = ("full", "iframe_only", "pframe_only")
 P_NEURONS = ("stm", "lif", "relu")
+ACCUMULATE = (None, "coviar")  # lrkern.data.compressed.ACCUMULATE
 
 
 @dataclass(frozen=True)
@@ -61,12 +76,19 @@ class VideoNetConfig:
     variant: str = "full"
     p_neuron: str = "stm"
     dropout: float = 0.0
+    reset_per_gop: bool = False  # restart the P path's neurons at every GOP (else their state carries across GOPs)
+    accumulate: Optional[str] = None  # the P inputs: None (per frame) or "coviar" (accumulated to the I-frame)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant={self.variant!r}; accepted: {', '.join(VARIANTS)}")
         if self.p_neuron not in P_NEURONS:
             raise ValueError(f"p_neuron={self.p_neuron!r}; accepted: {', '.join(P_NEURONS)}")
+        if not isinstance(self.reset_per_gop, bool):
+            raise ValueError(f"reset_per_gop={self.reset_per_gop!r} must be a bool")
+        if self.accumulate not in ACCUMULATE:
+            raise ValueError(f"accumulate={self.accumulate!r}; accepted: None, "
+                             + ", ".join(repr(a) for a in ACCUMULATE if a))
         H, W = self.frame
         if H % 16 or W % 16 or H <= 0 or W <= 0:
             raise ValueError(f"frame={self.frame} must be positive multiples of 16")
@@ -112,18 +134,83 @@ class IFrameEncoder(nn.Module):
         return self.net((frames.float() - self.mean) / self.std)
 
 
-class SpikingConvBlock(nn.Module):
-    """conv3x3-BN on every time step (T folded into the batch), then a multi-step LIF (or ReLU) over ``[T, B, ...]``."""
+class GopSegments:
+    """Lays the P-frames of every (clip, GOP run) out as a clip of their own, for neurons that restart per GOP.
 
-    def __init__(self, channels: int, spiking: bool):
+    ``gop_index`` ``[B, T]``: a run starts at t = 0 and wherever ``gop_index[b, t] != gop_index[b, t - 1]``. With S
+    runs in the batch, the longest L_max steps long, ``split`` maps time-major ``[T, B, ...]`` to ``[L_max, S, ...]``
+    (run s of the batch in column s, step l of the run in row l; shorter runs are zero-padded at their end) and
+    ``merge`` maps a result back. A multi-step neuron is causal, so the padded steps never reach the real ones, and
+    their outputs are dropped (their gradient is zero). Both are one index op, differentiable.
+    """
+
+    def __init__(self, gop_index: torch.Tensor):
+        B, T = gop_index.shape
+        start = torch.ones_like(gop_index, dtype=torch.bool)
+        start[:, 1:] = gop_index[:, 1:] != gop_index[:, :-1]
+        run = start.long().cumsum(1) - 1                                      # run of (b, t) inside clip b
+        runs = run[:, -1] + 1                                                 # runs per clip
+        first = runs.cumsum(0) - runs                                         # first run id of each clip
+        t = torch.arange(T, device=gop_index.device).expand(B, T)
+        step = t - torch.where(start, t, torch.zeros_like(t)).cummax(1).values  # step inside the run
+        self.shape = (T, B)
+        self.runs = int(runs.sum())
+        self.steps = int(step.max()) + 1
+        # q[t * B + b]: where (t, b) goes in the flattened [L_max, S] layout.
+        self.index = (step * self.runs + first[:, None] + run).t().reshape(-1)
+        self.identity = self.runs == B  # one run per clip, starting at t = 0: the layout is unchanged
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, B, ...]`` -> ``[L_max, S, ...]``."""
+        if self.identity:
+            return x
+        rest = x.shape[2:]
+        out = x.new_zeros((self.steps * self.runs, *rest)).index_copy(0, self.index, x.reshape(-1, *rest))
+        return out.view(self.steps, self.runs, *rest)
+
+    def merge(self, y: torch.Tensor) -> torch.Tensor:
+        """``[L_max, S, ...]`` -> ``[T, B, ...]``."""
+        if self.identity:
+            return y
+        rest = y.shape[2:]
+        return y.reshape(-1, *rest).index_select(0, self.index).view(*self.shape, *rest)
+
+
+class PerGop(nn.Module):
+    """``per_gop(neuron, x, segments)``: the multi-step ``neuron`` run on every GOP run of ``x [T, B, ...]`` from the
+    reset state (``segments`` None: on the whole sequence). It owns no parameters, so a model's state dict does not
+    change; it is a module so that ``lrkern.spiking.energy.OpCounter`` sees its output as spikes (``emits_spikes``)."""
+
+    emits_spikes = True
+
+    def forward(self, neuron: nn.Module, x: torch.Tensor, segments: Optional[GopSegments]) -> torch.Tensor:
+        if segments is None:
+            return neuron(x)
+        return segments.merge(neuron(segments.split(x)))
+
+
+def _neuron(neuron: nn.Module, x: torch.Tensor, segments: Optional[GopSegments],
+            per_gop: Optional[PerGop]) -> torch.Tensor:
+    # ReLU has no state: nothing to reset, so it keeps the plain call.
+    if segments is None or per_gop is None or not isinstance(neuron, (LIF, STM)):
+        return neuron(x)
+    return per_gop(neuron, x, segments)
+
+
+class SpikingConvBlock(nn.Module):
+    """conv3x3-BN on every time step (T folded into the batch), then a multi-step LIF (or ReLU) over ``[T, B, ...]``
+    (per GOP run when ``segments`` is given)."""
+
+    def __init__(self, channels: int, spiking: bool, reset_per_gop: bool = False):
         super().__init__()
         self.conv, self.bn = _conv_bn(channels, channels, 1)
         self.neuron = LIF() if spiking else nn.ReLU()
+        self.per_gop = PerGop() if reset_per_gop and spiking else None
 
-    def forward(self, s: torch.Tensor) -> torch.Tensor:
+    def forward(self, s: torch.Tensor, segments: Optional[GopSegments] = None) -> torch.Tensor:
         T, B = s.shape[:2]
         y = self.bn(self.conv(s.flatten(0, 1)))
-        return self.neuron(y.view(T, B, *y.shape[1:]))
+        return _neuron(self.neuron, y.view(T, B, *y.shape[1:]), segments, self.per_gop)
 
 
 class PFrameEncoder(nn.Module):
@@ -141,11 +228,15 @@ class PFrameEncoder(nn.Module):
         self.bn = nn.BatchNorm2d(self.channels)
         self.p_neuron = cfg.p_neuron
         self.stm = STM(self.channels) if cfg.p_neuron == "stm" else (LIF() if cfg.p_neuron == "lif" else nn.ReLU())
-        self.blocks = nn.ModuleList(SpikingConvBlock(self.channels, cfg.p_neuron != "relu")
+        spiking = cfg.p_neuron != "relu"
+        self.per_gop = PerGop() if cfg.reset_per_gop and spiking else None
+        self.blocks = nn.ModuleList(SpikingConvBlock(self.channels, spiking, cfg.reset_per_gop)
                                     for _ in range(cfg.spiking_blocks))
 
-    def forward(self, mv: torch.Tensor, residual: torch.Tensor, gain_t: Optional[torch.Tensor]) -> torch.Tensor:
-        """mv ``[B, T, 2|3, h, w]``, residual int8 ``[B, T, 1|3, H/2, W/2]``, gain_t ``[T, B, C]`` or None."""
+    def forward(self, mv: torch.Tensor, residual: torch.Tensor, gain_t: Optional[torch.Tensor],
+                segments: Optional[GopSegments] = None) -> torch.Tensor:
+        """mv ``[B, T, 2|3, h, w]``, residual int8 / int16 ``[B, T, 1|3, H/2, W/2]``, gain_t ``[T, B, C]`` or None;
+        segments: restart every neuron at each GOP run (``GopSegments``), or None (state carries over)."""
         B, T = mv.shape[:2]
         # Time-major frames: [T, B, ...] folded to [T*B, ...] for the frame-wise stems.
         m = self.mv_stem(mv.transpose(0, 1).flatten(0, 1).float())
@@ -157,14 +248,14 @@ class PFrameEncoder(nn.Module):
         if gain_t is not None:
             # The gain varies with the GOP, so it is applied here rather than through the op's per-call [B, C] gain.
             u = u * gain_t[..., None, None]
-        s = self.stm(u)
+        s = _neuron(self.stm, u, segments, self.per_gop)
         for block in self.blocks:
-            s = block(s)
+            s = block(s, segments)
         return s
 
 
-def _gop_average(gop_index: torch.Tensor, B: int, T: int, K: int, dtype, device) -> torch.Tensor:
-    """``[B, K, T]`` averaging weights: row k holds 1/|GOP k| on the P-frames of GOP k."""
+def _gop_rows(gop_index: torch.Tensor, B: int, T: int, K: int, device) -> torch.Tensor:
+    """``gop_index`` ``[T]`` or ``[B, T]`` checked and expanded to ``[B, T]`` on ``device``."""
     gi = gop_index.to(device)
     gi = gi.expand(B, T) if gi.dim() == 1 else gi
     if gi.shape != (B, T):
@@ -172,6 +263,12 @@ def _gop_average(gop_index: torch.Tensor, B: int, T: int, K: int, dtype, device)
     if int(gi.min()) < 0 or int(gi.max()) >= K:
         raise ValueError(f"gop_index values must lie in [0, {K}) (K = number of I-frames), got "
                          f"[{int(gi.min())}, {int(gi.max())}]")
+    return gi
+
+
+def _gop_average(gop_index: torch.Tensor, B: int, T: int, K: int, dtype, device) -> torch.Tensor:
+    """``[B, K, T]`` averaging weights: row k holds 1/|GOP k| on the P-frames of GOP k."""
+    gi = _gop_rows(gop_index, B, T, K, device)
     onehot = F.one_hot(gi, K).to(dtype).transpose(1, 2)  # [B, K, T]
     return onehot / onehot.sum(-1, keepdim=True).clamp_min(1)
 
@@ -300,7 +397,8 @@ class CompressedVideoNet(nn.Module):
             if self.gain is not None:
                 g = 1 + torch.tanh(self.gain(f_i.mean((-2, -1))))           # [B, K, C]
                 gain_t = torch.einsum("bkt,bkc->tbc", (avg > 0).to(g.dtype), g)  # the gain of each P-frame's GOP
-            s = self.p_enc(mv, residual, gain_t)                            # [T, B, C, h, w]
+            segments = GopSegments(_gop_rows(gop_index, B, T, K, mv.device)) if cfg.reset_per_gop else None
+            s = self.p_enc(mv, residual, gain_t, segments)                  # [T, B, C, h, w]
             rates = torch.einsum("bkt,tbchw->bkhwc", avg.to(s.dtype), s)    # per-GOP firing rate
             tokens.append(self._tokens(self.p_token(rates), 1))
         x = torch.cat(tokens, 1)
@@ -317,13 +415,25 @@ MODELS = {
     "full_relu": dict(variant="full", p_neuron="relu"),
     "iframe_only": dict(variant="iframe_only"),
     "pframe_only": dict(variant="pframe_only", p_neuron="stm"),
+    # Ablations of spec 3.2 (not in the default experiment): neurons restarted at every GOP; CoViAR-accumulated inputs.
+    "full_reset_gop": dict(variant="full", p_neuron="stm", reset_per_gop=True),
+    "full_coviar": dict(variant="full", p_neuron="stm", accumulate="coviar"),
 }
 
 
 def config_for(name: str, data, **overrides) -> VideoNetConfig:
-    """The config of model ``name`` (a key of ``MODELS``) for a dataset's shapes (``VideoTensors``-like)."""
+    """The config of model ``name`` (a key of ``MODELS``) for a dataset's shapes (``VideoTensors``-like).
+
+    ``accumulate`` defaults to the data's (``data.meta["accumulate"]``, None when absent); a model or override that
+    asks for other inputs than the data hold raises ValueError."""
     if name not in MODELS:
         raise ValueError(f"model {name!r} is not one of {', '.join(MODELS)}")
     K, _, H, W = data.iframes.shape[1:]
-    return VideoNetConfig(**{"num_classes": len(data.classes), "frame": (H, W), "gops": K, "mv_in": data.mv.shape[2],
-                             "res_in": data.residual.shape[2], **MODELS[name], **overrides})
+    data_acc = (getattr(data, "meta", None) or {}).get("accumulate")
+    cfg = VideoNetConfig(**{"num_classes": len(data.classes), "frame": (H, W), "gops": K, "mv_in": data.mv.shape[2],
+                            "res_in": data.residual.shape[2], "accumulate": data_acc, **MODELS[name], **overrides})
+    if cfg.accumulate != data_acc:
+        raise ValueError(f"model {name!r} takes accumulate={cfg.accumulate!r} inputs but the data were decoded with "
+                         f"accumulate={data_acc!r}; load them with the same accumulate (e.g. "
+                         f"synth_motion.load_split(root, split, accumulate={cfg.accumulate!r}))")
+    return cfg
