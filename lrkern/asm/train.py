@@ -23,6 +23,11 @@ Recipe (lrkern formulation; the paper's recipe is not public):
    re-estimation; with the scales frozen after calibration, 87.81% and 88.02%. Latent weights barely move at the end
    of the cosine schedule (0 to 5 of 76,288 integer weights change per step over the last 40 steps), so the weights
    are not the cause here.
+   Even with re-estimated statistics, an EMA-scaled W4A4 network stays sensitive to them: re-estimating from three
+   different 100-batch samples gave 86.79%, 87.99% and 88.00% (uniform, seed 2), and between two such estimates 2% to
+   26% of the layers' 4-bit activations (deeper layers more) move by one level. With learned activation scales
+   (``act_scale="lsq"``) the same model and samples gave 88.38% to 88.68%, and {1,3,5,7} seed 0 88.29% to 88.44%:
+   ``bench/asm_experiment.py`` reports both kinds of scale.
 3. Evaluation (``evaluate``): top-1 test accuracy in a given mode ("train" = fake quantization, "exact" = integer
    GEMM, "emulate" = shift-add datapath).
 """
