@@ -30,7 +30,7 @@ from bench import asm_experiment as X  # noqa: E402
 from bench.common import device_name, git_commit, merge_rows, write_md_section  # noqa: E402
 from lrkern.asm.train import fp_checkpoint, load_data, logits  # noqa: E402
 
-KEY = ("dataset", "method", "alphabet", "bits", "seed")
+KEY = ("dataset", "method", "alphabet", "bits", "act_scale", "seed")
 MD_BEGIN, MD_END = "<!-- asm_emulate_check:begin -->", "<!-- asm_emulate_check:end -->"
 
 
@@ -56,10 +56,11 @@ def markdown(rows: list[dict]) -> str:
     out = [MD_BEGIN, "## Emulate == exact on the whole test set (`bench/asm_emulate_check.py`)", "",
            "The networks of the accuracy table (same recipe and seed, retrained), run once through the shift-add "
            "emulation and once through the integer fast path: images whose 10 logits are not all bitwise equal.", "",
-           "| dataset | method | alphabet | bits | seed | images | bitwise equal | mismatched images | "
-           "exact-mode acc. % | emulate s | exact s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| dataset | method | alphabet | bits | act. scale | seed | images | bitwise equal | mismatched images | "
+           "exact-mode acc. % | emulate s | exact s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['dataset']} | {r['method']} | {r['alphabet']} | {r['bits']} | {r['seed']} | "
+        out.append(f"| {r['dataset']} | {r['method']} | {r['alphabet']} | {r['bits']} | {r.get('act_scale', '')} | "
+                   f"{r['seed']} | "
                    f"{r['n_images']} | {'yes' if r['bitwise_equal'] else '**no**'} | {r['mismatched_images']} | "
                    f"{r['exact_accuracy']:.2f} | {r['emulate_seconds']:.0f} | {r['exact_seconds']:.0f} |")
     devices = sorted({r.get("device", "") for r in rows})
@@ -94,8 +95,8 @@ def main(argv=None) -> list[dict]:
         model, _ = X.train_arm(arm, fp_model, args.seed, train, args, recipe)
         res = check(model, *test, args.check_batch)
         row = {"dataset": args.dataset, "method": method, "alphabet": X.ALPHABET_LABEL[alphabet],
-               "bits": f"W{args.w_bits}A{args.a_bits}", "seed": args.seed, **res, "fp_epochs": recipe.fp_epochs,
-               "qat_epochs": recipe.qat_epochs, **env}
+               "bits": f"W{args.w_bits}A{args.a_bits}", "act_scale": args.act_scale, "seed": args.seed, **res,
+               "fp_epochs": recipe.fp_epochs, "qat_epochs": recipe.qat_epochs, **env}
         rows.append(row)
         print(f"  {arm:>14}: {res['n_images']} images, bitwise equal: {res['bitwise_equal']} "
               f"({res['mismatched_images']} mismatched), exact accuracy {res['exact_accuracy']:.2f}%, emulate "
