@@ -37,6 +37,7 @@ from lrkern.ops import _dispatch
 from lrkern.reference import lif as R
 from lrkern.spiking import LIF
 from tests.helpers import TOLERANCE, err_ratio
+from tests.nvrtc_helpers import compile_ptx, instantiations, nvrtc_library, ptxas_sm90
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_SRC = ROOT / "csrc" / "cuda"
@@ -237,84 +238,20 @@ def test_module_on_the_cuda_backend(cpu_cuda_backend):
 
 # ------------------------------------------------------------------ NVRTC + ptxas (optional: needs NVRTC)
 
-def _nvrtc():
-    try:
-        import nvidia.cuda_nvrtc as pkg  # the nvidia-cuda-nvrtc-cu12 wheel
-        libs = sorted(Path(list(pkg.__path__)[0], "lib").glob("libnvrtc.so*"))
-    except ImportError:
-        libs = []
-    import ctypes.util
-
-    found = ctypes.util.find_library("nvrtc")
-    for path in [str(p) for p in libs if "alt" not in p.name] + ([found] if found else []):
-        try:
-            return ctypes.CDLL(path)
-        except OSError:
-            continue
-    return None
-
-
-def _all_names():
-    flags = ("false", "true")
-    types = ("float", "lk_f16", "lk_bf16")
-    fwd = [f"lif_fwd<{t}, {a}, {b}, {c}>" for t in types for a in flags for b in flags for c in flags]
-    bwd = [f"lif_bwd<{t}, {a}, {b}, {c}, {d}, {e}>" for t in types for a in flags for b in flags for c in flags
-           for d in flags for e in flags]
-    return fwd + bwd
-
-
 def test_nvrtc_compiles_every_instantiation_for_sm90_without_spills(tmp_path):
     from lrkern.kernels import cuda_lif
 
-    nvrtc = _nvrtc()
+    nvrtc = nvrtc_library()
     if nvrtc is None:
         pytest.skip("NVRTC is not installed (pip install nvidia-cuda-nvrtc-cu12 to compile lif.cu for sm_90 here)")
-    prog = ctypes.c_void_p()
-    vp = ctypes.c_void_p
-    nvrtc.nvrtcGetErrorString.restype = ctypes.c_char_p
-
-    def check(rc, what):
-        assert rc == 0, f"{what}: {nvrtc.nvrtcGetErrorString(rc).decode()}"
-
-    check(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), cuda_lif.source_path().read_bytes(), b"lif.cu", 0, None,
-                                   None), "nvrtcCreateProgram")
-    try:
-        names = _all_names()
-        for name in names:
-            check(nvrtc.nvrtcAddNameExpression(prog, name.encode()), name)
-        opts = [o.encode() for o in cuda_lif.OPTIONS] + [b"--gpu-architecture=compute_90"]
-        rc = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-        size = ctypes.c_size_t()
-        nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        nvrtc.nvrtcGetProgramLog(prog, log)
-        assert rc == 0, log.value.decode()
-        lowered = {}
-        for name in names:
-            out = ctypes.c_char_p()
-            check(nvrtc.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(out)), name)
-            lowered[out.value.decode()] = name
-        nvrtc.nvrtcGetPTXSize(prog, ctypes.byref(size))
-        ptx = ctypes.create_string_buffer(size.value)
-        check(nvrtc.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
-    finally:
-        nvrtc.nvrtcDestroyProgram(ctypes.byref(vp(prog.value)))
-    text = ptx.value.decode()
+    names = instantiations("lif_fwd", "lif_bwd")
+    text, lowered = compile_ptx(nvrtc, cuda_lif.source_path().read_bytes(), "lif.cu", names, cuda_lif.OPTIONS)
     # No FMA in the forward: every product and sum is rounded on its own, as in the reference.
     forward = re.findall(r"\.entry _Z7lif_fwd\w+\(.*?\n\}", text, flags=re.S)
     assert len(forward) == 24 and not any("fma." in body for body in forward)
-    spec = importlib.util.find_spec("triton")
-    ptxas = Path(spec.origin if spec else ".").parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip(f"NVRTC compiled lif.cu; Triton's ptxas ({ptxas}) is missing for the sm_90 assembly")
-    (tmp_path / "lif.ptx").write_text(text)
-    run = subprocess.run([str(ptxas), "-arch=sm_90", "-v", str(tmp_path / "lif.ptx"), "-o",
-                          str(tmp_path / "lif.cubin")], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    stats = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores.*?Used (\d+) registers",
-                       run.stderr, flags=re.S)
+    stats = ptxas_sm90(text, tmp_path, "lif")
     assert {lowered[name] for name, _, _ in stats} == set(names)
-    assert all(int(spill) == 0 and int(regs) <= 64 for _, spill, regs in stats), stats
+    assert all(spill == 0 and regs <= 64 for _, spill, regs in stats), stats
 
 
 # ------------------------------------------------------------------ dispatcher and module

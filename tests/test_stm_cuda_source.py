@@ -24,7 +24,6 @@ as the GPU build uses --fmad=false) that these tests drive through ctypes:
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import math
 import re
 import shutil
@@ -40,6 +39,7 @@ import lrkern
 from lrkern.ops import _dispatch
 from lrkern.reference import stm as R
 from tests.helpers import TOLERANCE, err_ratio
+from tests.nvrtc_helpers import compile_ptx, instantiations, nvrtc_library, ptxas_sm90
 
 CUDA_C_OPS = True  # the `backend` fixture runs "cuda" here (where CuPy and a GPU are present)
 
@@ -439,84 +439,21 @@ def test_cuda_backend_is_registered_but_never_automatic(monkeypatch):
         torch.ops.lrkern.stm_multistep(u, None, None, tau, theta0, None, RHO, 0.0, "sigmoid", 4.0, False, True)
 
 
-def _nvrtc():
-    try:
-        import nvidia.cuda_nvrtc as pkg  # the nvidia-cuda-nvrtc-cu12 wheel
-        libs = sorted(Path(list(pkg.__path__)[0], "lib").glob("libnvrtc.so*"))
-    except ImportError:
-        libs = []
-    import ctypes.util
-
-    found = ctypes.util.find_library("nvrtc")
-    for path in [str(p) for p in libs if "alt" not in p.name] + ([found] if found else []):
-        try:
-            return ctypes.CDLL(path)
-        except OSError:
-            continue
-    return None
-
-
-def _all_names():
-    flags = ("false", "true")
-    types = ("float", "lk_f16", "lk_bf16")
-    fwd = [f"stm_fwd<{t}, {a}, {b}, {c}>" for t in types for a in flags for b in flags for c in flags]
-    bwd = [f"stm_bwd<{t}, {a}, {b}, {c}, {d}, {e}>" for t in types for a in flags for b in flags for c in flags
-           for d in flags for e in flags]
-    return fwd + bwd
-
-
 def test_nvrtc_compiles_every_instantiation_for_sm90_without_spills(tmp_path):
     from lrkern.kernels import _cuda_c, cuda_stm
 
-    nvrtc = _nvrtc()
+    nvrtc = nvrtc_library()
     if nvrtc is None:
         pytest.skip("NVRTC is not installed (pip install nvidia-cuda-nvrtc-cu12 to compile stm.cu for sm_90 here)")
-    prog = ctypes.c_void_p()
-    nvrtc.nvrtcGetErrorString.restype = ctypes.c_char_p
-
-    def check(rc, what):
-        assert rc == 0, f"{what}: {nvrtc.nvrtcGetErrorString(rc).decode()}"
-
-    check(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), cuda_stm.source_path().read_bytes(), b"stm.cu", 0, None,
-                                   None), "nvrtcCreateProgram")
-    try:
-        names = _all_names()
-        for name in names:
-            check(nvrtc.nvrtcAddNameExpression(prog, name.encode()), name)
-        opts = [o.encode() for o in _cuda_c.OPTIONS] + [b"--gpu-architecture=compute_90"]
-        rc = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-        size = ctypes.c_size_t()
-        nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        nvrtc.nvrtcGetProgramLog(prog, log)
-        assert rc == 0, log.value.decode()
-        lowered = {}
-        for name in names:
-            out = ctypes.c_char_p()
-            check(nvrtc.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(out)), name)
-            lowered[out.value.decode()] = name
-        nvrtc.nvrtcGetPTXSize(prog, ctypes.byref(size))
-        ptx = ctypes.create_string_buffer(size.value)
-        check(nvrtc.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
-    finally:
-        nvrtc.nvrtcDestroyProgram(ctypes.byref(ctypes.c_void_p(prog.value)))
-    text = ptx.value.decode()
+    names = instantiations("stm_fwd", "stm_bwd")
+    text, lowered = compile_ptx(nvrtc, cuda_stm.source_path().read_bytes(), "stm.cu", names, _cuda_c.OPTIONS)
     # Every product and sum is rounded on its own, as in the reference: no fp32 FMA in the forward or the atan
     # backward. (The sigmoid backward has the FMAs of CUDA's expf, which --fmad=false does not touch.)
     entries = dict(re.findall(r"\.entry (_Z7stm_(?:fwd|bwd)\w+)\((.*?\n\})", text, flags=re.S))
     assert set(entries) == set(lowered)
     exact = [low for low, name in lowered.items() if name.startswith("stm_fwd") or name.split(", ")[4] == "true"]
     assert len(exact) == 24 + 48 and not any("fma.rn.f32" in entries[low] for low in exact)
-    spec = importlib.util.find_spec("triton")
-    ptxas = Path(spec.origin if spec else ".").parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip(f"NVRTC compiled stm.cu; Triton's ptxas ({ptxas}) is missing for the sm_90 assembly")
-    (tmp_path / "stm.ptx").write_text(text)
-    run = subprocess.run([str(ptxas), "-arch=sm_90", "-v", str(tmp_path / "stm.ptx"), "-o",
-                          str(tmp_path / "stm.cubin")], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    stats = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores.*?Used (\d+) registers",
-                       run.stderr, flags=re.S)
+    stats = ptxas_sm90(text, tmp_path, "stm")
     assert {lowered[name] for name, _, _ in stats} == set(names)
     # 256 threads of at most 64 registers: 4 blocks (half the threads an H100 SM holds) stay resident.
-    assert all(int(spill) == 0 and int(regs) <= 64 for _, spill, regs in stats), stats
+    assert all(spill == 0 and regs <= 64 for _, spill, regs in stats), stats
