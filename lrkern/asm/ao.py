@@ -99,7 +99,7 @@ class ASMFakeQuantize(FakeQuantizeBase):
                                       error_msgs)
 
     def extra_repr(self) -> str:
-        a = "".join(str(v) for v in self.alphabet) if len(self.alphabet) < 8 else "odd"
+        a = ",".join(str(v) for v in self.alphabet) if len(self.alphabet) < 8 else "odd"
         return f"alphabet={{{a}}}, w_bits={self.w_bits}, ch_axis={self.ch_axis}, r_max={self.r_max}"
 
 

@@ -255,7 +255,7 @@ class _ASMLayer(nn.Module):
         return None if self.bias is None else self.bias.detach().to(torch.float32)
 
     def _describe(self) -> str:
-        a = "".join(str(v) for v in self.alphabet) if len(self.alphabet) < 8 else "odd"
+        a = ",".join(str(v) for v in self.alphabet) if len(self.alphabet) < 8 else "odd"
         return (f"alphabet={{{a}}}, w_bits={self.w_bits}, a_bits={self.a_bits}, scale={self.scale_mode}, "
                 f"mode={self.mode}" + (", bn_folded" if self.folded else ""))
 
