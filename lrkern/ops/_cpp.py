@@ -106,24 +106,26 @@ def _asm_tables(alphabet, w_bits, device):
     return kernel_tables(alphabet, w_bits, device)
 
 
-def asm_project(w: torch.Tensor, scale: torch.Tensor, inner: int, alphabet, w_bits: int):
-    """-> int16 w_int, w's shape (alphabet-set projection)."""
+def _asm_project_into(w: torch.Tensor, scale: torch.Tensor, inner: int, alphabet, w_bits: int, fake: bool):
+    # One path for both outputs: the projection (int16 w_int) and the fake quantization (w_hat in w's dtype) share
+    # their checks and tables and differ only in the kernel's store.
     t = _asm_tables(alphabet, w_bits, w.device)
-    out = _alloc.empty(w.shape, torch.int16, w.device)
+    out = _alloc.empty(w.shape, w.dtype if fake else torch.int16, w.device)
     if w.numel() == 0:
         return out
-    _ext.cpp().asm_project_out(w, scale, t.mid, t.delta, t.mag, out, inner, t.n_mid, w_bits)
+    fn = _ext.cpp().asm_fake_quant_out if fake else _ext.cpp().asm_project_out
+    fn(w, scale, t.mid, t.delta, t.mag, out, inner, t.n_mid, w_bits)
     return out
+
+
+def asm_project(w: torch.Tensor, scale: torch.Tensor, inner: int, alphabet, w_bits: int):
+    """-> int16 w_int, w's shape (alphabet-set projection)."""
+    return _asm_project_into(w, scale, inner, alphabet, w_bits, fake=False)
 
 
 def asm_fake_quant(w: torch.Tensor, scale: torch.Tensor, inner: int, alphabet, w_bits: int):
     """-> w_hat = dtype(s * w_int), w's dtype and shape."""
-    t = _asm_tables(alphabet, w_bits, w.device)
-    out = _alloc.empty(w.shape, w.dtype, w.device)
-    if w.numel() == 0:
-        return out
-    _ext.cpp().asm_fake_quant_out(w, scale, t.mid, t.delta, t.mag, out, inner, t.n_mid, w_bits)
-    return out
+    return _asm_project_into(w, scale, inner, alphabet, w_bits, fake=True)
 
 
 def asm_fake_quant_backward(grad: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, inner: int, alphabet,
